@@ -1,0 +1,19 @@
+"""vllm-kvzip: KVzip / KVzap KV-cache compression for vLLM.
+
+`register()` is the `vllm.general_plugins` entry point: vLLM calls it in the
+CLI / API-server process, in the engine-core process and in every worker.
+It must stay idempotent and cheap; everything that touches vLLM internals
+lives in `vllm_kvzip.adapter`.
+"""
+
+from vllm_kvzip.config import KVCompressionConfig, KVCompressionConfigError
+
+__version__ = "0.1.0"
+__all__ = ["KVCompressionConfig", "KVCompressionConfigError", "register", "__version__"]
+
+
+def register() -> None:
+    """Wire vllm-kvzip into the running vLLM (idempotent)."""
+    from vllm_kvzip.adapter import install
+
+    install()

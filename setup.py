@@ -66,7 +66,6 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["kvzip = vllm_kvzip:register"],
-        "console_scripts": ["vllm-kvzip = vllm_kvzip.cli:main"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,0 +1,31 @@
+"""Shared fixtures: the embedded model and the settings that make vLLM's CPU build usable here."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# vLLM on a 2-core CPU machine: a small KV-cache pool, both cores for compute
+# (otherwise one is reserved), no torch.compile (75-100 s per engine start).
+CPU_ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
+for _key, _value in CPU_ENGINE_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "engine: starts a real vLLM engine (slow on CPU)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped on CPU machines with the reason")
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> str:
+    """Folder of the converted SmolLM2-135M-Instruct (converted once per cache)."""
+    from vllm_kvzip.models import ensure_embedded_model
+
+    return ensure_embedded_model()

@@ -1,0 +1,154 @@
+"""The plugin as vLLM sees it: entry point, CLI flags, engine-config checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vllm_kvzip.config import KVCompressionConfigError
+
+VLLM_CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+def _run(args, timeout=180, env=None):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_vllm_loads_the_plugin_through_its_entry_point():
+    script = textwrap.dedent(
+        """
+        from vllm.plugins import load_general_plugins
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+        assert not getattr(EngineArgs, "_vllm_kvzip_hooked", False)
+        load_general_plugins()
+        assert EngineArgs._vllm_kvzip_hooked
+        print("CUSTOM", AttentionBackendEnum.CUSTOM.get_path())
+        print("CPU_ATTN", AttentionBackendEnum.CPU_ATTN.get_path())
+        print("cpu", current_platform.is_cpu())
+        load_general_plugins()  # idempotent
+        """
+    )
+    result = _run([sys.executable, "-c", script])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines())
+    assert lines["CUSTOM"] == "vllm_kvzip.backend.attention.KVzipAttentionBackend"
+    if lines["cpu"] == "True":
+        assert lines["CPU_ATTN"] == "vllm_kvzip.backend.cpu_attention.KVzipCPUAttentionBackend"
+
+
+def test_plugin_is_skipped_when_vllm_plugins_excludes_it():
+    script = "from vllm.plugins import load_general_plugins; from vllm.engine.arg_utils import EngineArgs; " \
+        "load_general_plugins(); print(getattr(EngineArgs, '_vllm_kvzip_hooked', False))"
+    result = _run([sys.executable, "-c", script], env={"VLLM_PLUGINS": "lora_filesystem_resolver"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("False")
+
+
+FLAGS = [
+    "--kv-compression",
+    "--kv-compression-ratio",
+    "--kv-compression-threshold",
+    "--kv-compression-window",
+    "--kv-compression-surrogate",
+    "--kv-compression-head-scores",
+    "--kv-compression-policy",
+    "--kv-compression-sink-tokens",
+    "--kv-compression-chunk-size",
+    "--kv-compression-seed",
+    "--kv-compression-decode-eviction",
+]
+
+
+def test_serve_help_lists_the_flags_in_their_own_group():
+    overview = _run(VLLM_CLI + ["serve", "--help"])
+    assert overview.returncode == 0, overview.stderr[-3000:]
+    assert "KVCompressionConfig" in overview.stdout
+    group = _run(VLLM_CLI + ["serve", "--help=KVCompressionConfig"])
+    assert group.returncode == 0, group.stderr[-3000:]
+    assert "KVCompressionConfig:" in group.stdout
+    for flag in FLAGS:
+        assert flag in group.stdout, flag
+    assert "none,kvzip,kvzip-plus,kvzap-linear,kvzap-mlp,head,snapkv,streaming,random" in group.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--kv-compression", "kvzipp"], "--kv-compression (additional_config kv_compression.method): 'kvzipp'"),
+        (["--kv-compression", "kvzip", "--kv-compression-ratio", "0"], "0 < ratio <= 1"),
+        (["--kv-compression", "kvzap-mlp", "--kv-compression-threshold", "nan"], "not finite"),
+    ],
+)
+def test_serve_rejects_bad_values_before_starting(embedded_model, flags, expected):
+    result = _run(VLLM_CLI + ["serve", embedded_model] + flags, timeout=120)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert "Starting vLLM" not in result.stderr
+
+
+# ---- engine config (no engine is started) -----------------------------------------
+
+
+def _engine_config(model, kv_compression, **kwargs):
+    import vllm_kvzip
+    from vllm.engine.arg_utils import EngineArgs
+
+    vllm_kvzip.register()
+    args = EngineArgs(
+        model=model, max_model_len=2048, additional_config={"kv_compression": kv_compression}, **kwargs
+    )
+    return args.create_engine_config()
+
+
+def test_engine_config_carries_the_validated_settings(embedded_model):
+    vllm_config = _engine_config(embedded_model, {"method": "kvzip", "ratio": "0.25"})
+    settings = vllm_config.additional_config["kv_compression"]
+    assert settings["method"] == "kvzip" and settings["keep_ratio"] == 0.25 and settings["window"] == 128
+    assert vllm_config.cache_config.enable_prefix_caching is False
+
+
+def test_engine_config_untouched_when_compression_is_off(embedded_model):
+    vllm_config = _engine_config(embedded_model, {"method": "none"})
+    assert vllm_config.additional_config["kv_compression"] == {"method": "none"}
+
+
+def test_explicit_prefix_caching_is_refused(embedded_model):
+    with pytest.raises(KVCompressionConfigError, match="--enable-prefix-caching cannot be combined"):
+        _engine_config(embedded_model, {"method": "kvzip"}, enable_prefix_caching=True)
+
+
+def test_window_must_fit_the_model(embedded_model):
+    with pytest.raises(KVCompressionConfigError, match=r"--kv-compression-window 4000 .*--max-model-len 2048"):
+        _engine_config(embedded_model, {"method": "kvzip", "window": 4000})
+
+
+def _model_variant(embedded_model, tmp_path, **config_changes):
+    folder = tmp_path / "variant"
+    folder.mkdir()
+    for name in os.listdir(embedded_model):
+        if name != "model.safetensors":
+            shutil.copy(os.path.join(embedded_model, name), folder / name)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_unsupported_head_size_is_refused(embedded_model, tmp_path):
+    model = _model_variant(embedded_model, tmp_path, head_dim=96, num_attention_heads=6, num_key_value_heads=2)
+    with pytest.raises(KVCompressionConfigError, match="head size 96 is not supported; supported head sizes: 64, 128"):
+        _engine_config(model, {"method": "kvzip"})
+
+
+def test_unsupported_architecture_is_refused(embedded_model, tmp_path):
+    model = _model_variant(embedded_model, tmp_path, architectures=["GemmaForCausalLM"], model_type="gemma")
+    with pytest.raises(KVCompressionConfigError, match="architecture .*GemmaForCausalLM.* is not supported"):
+        _engine_config(model, {"method": "kvzip"})

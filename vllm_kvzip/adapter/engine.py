@@ -1,0 +1,134 @@
+"""Engine-level checks and adaptations when KV compression is on.
+
+`prepare_engine_args` runs on the `EngineArgs` before vLLM builds its config;
+`validate_engine_config` runs on the finished `VllmConfig` (the model's config
+is known then) and still before any weights load.  Every refusal names the
+flag that caused it and what would work instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from vllm_kvzip.adapter.vllm_api import get_logger, is_cpu_platform
+from vllm_kvzip.config import KVCompressionConfig, KVCompressionConfigError
+
+ADDITIONAL_CONFIG_KEY = "kv_compression"
+# Decoder-only architectures whose attention the scorers and kernels handle
+# (full causal attention with RoPE, GQA, no sliding window, no MLA).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_HEAD_SIZES = (64, 128)
+CUSTOM_BACKEND = "CUSTOM"
+
+logger = get_logger(__name__)
+
+
+def kv_compression_config(vllm_config: Any) -> KVCompressionConfig:
+    """The validated settings of a running engine (any vLLM process)."""
+    additional = getattr(vllm_config, "additional_config", None) or {}
+    raw = additional.get(ADDITIONAL_CONFIG_KEY) if isinstance(additional, dict) else None
+    return KVCompressionConfig.parse(raw)
+
+
+def _backend_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    return str(getattr(value, "name", value)).upper()
+
+
+def prepare_engine_args(engine_args: Any) -> KVCompressionConfig:
+    """Validate the settings and adapt the engine arguments (idempotent)."""
+    additional = engine_args.additional_config
+    raw = additional.get(ADDITIONAL_CONFIG_KEY) if isinstance(additional, dict) else None
+    config = KVCompressionConfig.parse(raw)
+    if not config.enabled:
+        return config
+
+    def refuse(flag: str, why: str) -> None:
+        raise KVCompressionConfigError(f"{flag} cannot be combined with --kv-compression {config.method}: {why}")
+
+    if engine_args.enable_prefix_caching:
+        refuse(
+            "--enable-prefix-caching",
+            "compressed requests rewrite their first blocks, so they cannot be shared; "
+            "drop the flag (vllm-kvzip turns prefix caching off)",
+        )
+    if engine_args.speculative_config:
+        refuse("--speculative-config", "speculative decoding is not supported with compressed KV yet")
+    if (engine_args.tensor_parallel_size or 1) > 1:
+        refuse("--tensor-parallel-size", "only --tensor-parallel-size 1 is supported yet")
+    if (engine_args.pipeline_parallel_size or 1) > 1:
+        refuse("--pipeline-parallel-size", "only --pipeline-parallel-size 1 is supported yet")
+    if engine_args.kv_cache_dtype not in (None, "auto"):
+        refuse("--kv-cache-dtype", f"{engine_args.kv_cache_dtype!r}: only the model dtype (auto) is supported yet")
+    if engine_args.kv_transfer_config is not None:
+        refuse("--kv-transfer-config", "KV connectors are not supported with compressed KV yet")
+
+    if engine_args.enable_prefix_caching is None:
+        logger.info("vllm-kvzip: prefix caching is not supported with KV compression yet; switched off")
+        engine_args.enable_prefix_caching = False
+
+    if not is_cpu_platform():
+        selected = _backend_name(engine_args.attention_backend) or _backend_name(
+            getattr(engine_args.attention_config, "backend", None)
+        )
+        if selected not in (None, CUSTOM_BACKEND):
+            refuse(
+                "--attention-backend",
+                f"{selected} does not read compressed pages; vllm-kvzip selects its own backend (CUSTOM)",
+            )
+        if engine_args.attention_backend is None:
+            engine_args.attention_backend = CUSTOM_BACKEND
+    # The CPU platform always builds CPU_ATTN, which vllm-kvzip overrides.
+
+    # Ship the validated, normalised settings to every vLLM process.
+    engine_args.additional_config = {**(additional or {}), ADDITIONAL_CONFIG_KEY: config.to_dict()}
+    return config
+
+
+def validate_engine_config(vllm_config: Any, config: KVCompressionConfig) -> None:
+    """Checks that need the model's config; raises before any weights load."""
+    if not config.enabled:
+        return
+    model_config = vllm_config.model_config
+    hf_config = model_config.hf_config
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    if not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
+        raise KVCompressionConfigError(
+            f"--kv-compression {config.method}: model architecture {architectures or '(unknown)'} is not supported; "
+            f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if model_config.use_mla:
+        raise KVCompressionConfigError(f"--kv-compression {config.method}: MLA models are not supported")
+    head_size = model_config.get_head_size()
+    if head_size not in SUPPORTED_HEAD_SIZES:
+        raise KVCompressionConfigError(
+            f"--kv-compression {config.method}: head size {head_size} is not supported; "
+            f"supported head sizes: {', '.join(map(str, SUPPORTED_HEAD_SIZES))}"
+        )
+    if model_config.get_sliding_window() is not None:
+        raise KVCompressionConfigError(
+            f"--kv-compression {config.method}: sliding-window attention models are not supported"
+        )
+    max_model_len = model_config.max_model_len
+    if config.window >= max_model_len:
+        raise KVCompressionConfigError(
+            f"--kv-compression-window {config.window} must be smaller than the model's max length "
+            f"(--max-model-len {max_model_len}); valid values: 0..{max_model_len - 1}"
+        )
+    if config.method == "head" and config.head_scores is not None and not os.path.isfile(config.head_scores):
+        raise KVCompressionConfigError(f"--kv-compression-head-scores: no file at {config.head_scores!r}")
+    if config.is_kvzap and config.surrogate is not None and os.path.sep in config.surrogate:
+        if not os.path.isdir(config.surrogate):
+            raise KVCompressionConfigError(f"--kv-compression-surrogate: no folder at {config.surrogate!r}")
+
+    mode = f"threshold {config.threshold}" if config.threshold_mode else f"keep ratio {config.effective_keep_ratio}"
+    logger.info(
+        "vllm-kvzip: KV compression %s (%s, window %d, sinks %d) on %s",
+        config.method,
+        mode,
+        config.window,
+        config.sink_tokens,
+        architectures[0],
+    )

@@ -270,3 +270,48 @@ def _first_message(exc: ValidationError) -> str:
             message = f"{_flag(field)}: {message}"
         messages.append(message)
     return "; ".join(messages)
+
+
+# ---- per-request settings ---------------------------------------------------------
+# A request may override the engine's keep ratio or opt out, through the OpenAI
+# API's `vllm_xargs` (SamplingParams.extra_args):
+#     {"kv_compression": "none"}          keep this request's KV dense
+#     {"kv_compression_ratio": 0.5}       keep half of its evictable context
+REQUEST_METHOD_KEY = "kv_compression"
+REQUEST_RATIO_KEY = "kv_compression_ratio"
+
+
+def request_keep_ratio(config: KVCompressionConfig, extra_args: dict[str, Any] | None) -> float | None:
+    """Keep ratio for one request in ratio mode; None means the request stays dense.
+
+    Raises KVCompressionConfigError naming the request field for a bad value.
+    """
+    if not config.enabled:
+        return None
+    extra_args = extra_args or {}
+    method = extra_args.get(REQUEST_METHOD_KEY)
+    if method is not None:
+        if method not in ("none", config.method):
+            raise KVCompressionConfigError(
+                f"vllm_xargs {REQUEST_METHOD_KEY}: {method!r} is not available per request; valid values: "
+                f"none, {config.method} (the engine's --kv-compression)"
+            )
+        if method == "none":
+            return None
+    ratio = extra_args.get(REQUEST_RATIO_KEY)
+    if ratio is None:
+        return None if config.threshold_mode else config.effective_keep_ratio
+    if config.threshold_mode:
+        raise KVCompressionConfigError(
+            f"vllm_xargs {REQUEST_RATIO_KEY}: the engine runs in threshold mode (--kv-compression-threshold); "
+            "a per-request keep ratio is not available"
+        )
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(ratio, bool) or not (0.0 < value <= 1.0):
+        raise KVCompressionConfigError(
+            f"vllm_xargs {REQUEST_RATIO_KEY}: {ratio!r} is outside the valid range 0 < ratio <= 1"
+        )
+    return value

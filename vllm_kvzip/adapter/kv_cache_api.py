@@ -1,0 +1,55 @@
+"""vLLM 0.26.0 scheduler-side KV-cache classes that vllm-kvzip builds on."""
+
+from __future__ import annotations
+
+from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: F401  (re-exported)
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager  # noqa: F401
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: F401
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+
+def register_spec(spec_cls, manager_cls) -> None:
+    """Register a FullAttentionSpec subclass and its manager (grouped with full attention).
+
+    The registry fills in vLLM's built-in specs only while it is empty, so they
+    must be registered before ours.
+    """
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(spec_cls, manager_cls, uniform_type_base_spec=FullAttentionSpec)
+
+
+def install_kv_cache_hooks() -> None:
+    """Make compressed layers report KVzipAttentionSpec and tell its manager about admissions."""
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    if getattr(Attention, "_vllm_kvzip_hooked", False):
+        return
+    from vllm_kvzip.adapter.engine import kv_compression_config
+    from vllm_kvzip.block_manager.vllm_manager import KVzipAttentionSpec, KVzipManager
+    from vllm_kvzip.config import request_keep_ratio
+
+    original_get_kv_cache_spec = Attention.get_kv_cache_spec
+
+    def get_kv_cache_spec(self, vllm_config):
+        spec = original_get_kv_cache_spec(self, vllm_config)
+        config = kv_compression_config(vllm_config)
+        if config.enabled and type(spec) is FullAttentionSpec:
+            spec = KVzipAttentionSpec.from_full_attention(spec, config)
+        return spec
+
+    original_allocate_slots = KVCacheManager.allocate_slots
+
+    def allocate_slots(self, request, num_new_tokens, *args, **kwargs):
+        if request.num_computed_tokens == 0:
+            # (Re)admission: the prefill that follows covers request.num_tokens
+            # tokens (prompt, plus generated tokens after a preemption).
+            for manager in self.coordinator.single_type_managers:
+                if isinstance(manager, KVzipManager):
+                    extra_args = getattr(request.sampling_params, "extra_args", None)
+                    ratio = request_keep_ratio(manager.compression, extra_args)
+                    manager.note_admission(request.request_id, request.num_tokens, ratio)
+        return original_allocate_slots(self, request, num_new_tokens, *args, **kwargs)
+
+    Attention.get_kv_cache_spec = get_kv_cache_spec
+    KVCacheManager.allocate_slots = allocate_slots
+    Attention._vllm_kvzip_hooked = True

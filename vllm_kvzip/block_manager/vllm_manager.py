@@ -1,0 +1,128 @@
+"""Scheduler side: a KV-cache spec and manager that give compressed pages back to vLLM.
+
+`KVzipAttentionSpec` is vLLM's full-attention spec plus the compression
+settings; layers of a model with compression on report it instead of
+`FullAttentionSpec`, and vLLM's `KVCacheSpecRegistry` maps it to
+`KVzipManager`.  The manager is vLLM's full-attention manager (allocation,
+admission, preemption and metrics are unchanged) with one addition, in the
+spirit of vLLM's R-SWA gap eviction: once a request's prefill has been
+processed, the blocks between its head-page containers and its dense tail are
+freed (replaced by the null block) -- see `CompressionGeometry`.
+
+The request is compressed at the token count it had when it was (re)admitted:
+its prompt, or prompt plus generated tokens after a preemption (recompute).
+`note_admission` learns that count from `KVCacheManager.allocate_slots`, which
+the adapter wraps, because a single-type manager only sees request ids.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+
+from vllm_kvzip.adapter.kv_cache_api import FullAttentionManager, FullAttentionSpec, register_spec
+from vllm_kvzip.block_manager.geometry import CompressionGeometry
+from vllm_kvzip.config import KVCompressionConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVzipAttentionSpec(FullAttentionSpec):
+    # The settings as canonical JSON: frozen, hashable and picklable without
+    # the plugin (the engine core unpickles specs before loading plugins).
+    compression_json: str = "{}"
+
+    @property
+    def compression(self) -> KVCompressionConfig:
+        return KVCompressionConfig.parse(json.loads(self.compression_json))
+
+    @classmethod
+    def from_full_attention(cls, spec: FullAttentionSpec, config: KVCompressionConfig) -> "KVzipAttentionSpec":
+        values = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec) if f.init}
+        return cls(**values, compression_json=json.dumps(config.to_dict(), sort_keys=True))
+
+    @classmethod
+    def merge(cls, specs: list["KVzipAttentionSpec"]) -> "KVzipAttentionSpec":
+        # FullAttentionSpec.merge rebuilds the spec from the base fields only.
+        merged = super().merge(specs)
+        settings = {spec.compression_json for spec in specs}
+        if len(settings) != 1:
+            raise ValueError("all layers of a KV cache group must share one compression setting")
+        return replace(merged, compression_json=settings.pop())
+
+
+@dataclass
+class CompressionRecord:
+    """What the scheduler did for one compressed request (exact to the block)."""
+
+    geometry: CompressionGeometry
+    freed_blocks: int
+
+
+class KVzipManager(FullAttentionManager):
+    def __init__(self, kv_cache_spec: KVzipAttentionSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.compression = kv_cache_spec.compression
+        # request id -> (tokens at compression, keep ratio) decided at admission.
+        self._pending: dict[str, tuple[int, float]] = {}
+        self._compressed: dict[str, CompressionRecord] = {}
+        self.total_freed_blocks = 0
+        self.total_compressed_requests = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def note_admission(self, request_id: str, num_tokens: int, keep_ratio: float | None) -> None:
+        """The request (re)starts its prefill of `num_tokens` tokens; None: keep it dense."""
+        self._compressed.pop(request_id, None)
+        if keep_ratio is None or keep_ratio >= 1.0:
+            self._pending.pop(request_id, None)
+        else:
+            self._pending[request_id] = (num_tokens, keep_ratio)
+
+    def geometry_for(self, num_tokens: int, keep_ratio: float) -> CompressionGeometry:
+        return CompressionGeometry(
+            num_tokens=num_tokens,
+            block_size=self.block_size,
+            window=self.compression.window,
+            keep_ratio=keep_ratio,
+            num_kv_heads=self.kv_cache_spec.num_kv_heads,
+        )
+
+    def remove_skipped_blocks(
+        self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
+    ) -> None:
+        pending = self._pending.get(request_id)
+        if pending is None or processed_computed_tokens < pending[0]:
+            return
+        # The prefill (and with it the worker's compaction, enqueued in that
+        # step) is processed: later users of the freed blocks run after it.
+        del self._pending[request_id]
+        geometry = self.geometry_for(*pending)
+        freed = 0
+        if geometry.compresses:
+            before = self.block_pool.get_num_free_blocks()
+            self._remove_blocks_in_range(request_id, geometry.container_blocks, geometry.dense_start_block)
+            freed = self.block_pool.get_num_free_blocks() - before
+        self._compressed[request_id] = CompressionRecord(geometry=geometry, freed_blocks=freed)
+        self.total_freed_blocks += freed
+        self.total_compressed_requests += 1
+
+    def free(self, request_id: str) -> None:
+        super().free(request_id)
+        self._pending.pop(request_id, None)
+        self._compressed.pop(request_id, None)
+
+    def cache_blocks(self, *args, **kwargs) -> None:
+        # Compressed requests rewrite their first blocks: never share them.
+        return None
+
+    # -- accounting --------------------------------------------------------------------
+    def compression_record(self, request_id: str) -> CompressionRecord | None:
+        return self._compressed.get(request_id)
+
+
+def register_kvzip_spec() -> None:
+    register_spec(KVzipAttentionSpec, KVzipManager)
+
+
+# The engine core unpickles the workers' specs (instances of this class) before
+# it loads plugins: registering at import time covers that path too.
+register_kvzip_spec()

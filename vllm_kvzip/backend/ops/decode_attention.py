@@ -1,0 +1,450 @@
+"""Triton split-KV decode attention over ragged per-head pages + a dense tail.
+
+Layout (see ``reference.py`` for the full description): one cache tensor per
+layer, ``kv_cache: [num_blocks, H, block_size, 2 * head_size]`` with rows
+``[K | V]``.  KV head ``h`` of request row ``r`` attends over its *virtual
+sequence*: ``kept_len[r, h]`` ragged tokens (token ``j`` in linear page
+``page_start[r, h] + j // block_size``, page ``P`` = block
+``block_table[r, P // H]``, head slot ``P % H``), then the dense tokens at
+logical positions ``[dense_start[r], seq_lens[r])`` in vLLM's normal paging.
+
+Kernel design
+-------------
+* Grid ``(row, kv_head, split)``.  Each program handles *all* ``G`` query
+  heads of its KV head: a K/V tile is loaded once and used by ``G`` queries
+  (GQA), which is what keeps decode at memory speed.
+* The virtual sequence is cut into tiles of ``TILE`` tokens, counted per
+  region (ragged tiles first, then dense tiles), so a tile never straddles the
+  two regions and every tile holds whole pages (both regions start
+  page-aligned).  The address of each token is computed once per tile from
+  the block table; the K and V rows are then loaded as ``[TILE, head_size]``
+  blocks whose inner dimension is contiguous (16-byte vector loads).
+* Tiles are divided evenly among the row's splits.  The grid has a fixed
+  number of splits (chosen on the host from the *shapes* only, so a CUDA
+  graph replays it for any lengths); inside the kernel a (row, head) whose
+  sequence is short uses fewer splits (at least ``MIN_TILES_PER_SPLIT`` tiles
+  each) and the programs with nothing to do return at once.
+* Online softmax in fp32 (base-2 exponentials, the softmax scale folded with
+  log2(e)); each split writes its unnormalised ``(acc, max, sum)`` to scratch
+  and a second small kernel merges the splits.  When the grid has one split
+  the first kernel normalises and writes the output directly and the merge
+  kernel is not launched.
+* A (row, head) with no key at all (0 kept tokens and an empty dense region)
+  gets a zero output, never NaN.
+
+Nothing in the launch path reads device memory from the host: the grid and
+every constexpr depend only on tensor shapes and the workspace, so the launch
+can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+# Tokens per tile.  64 tokens of K and V at head_size 128 in bf16 are 32 KiB
+# per stage: enough bytes in flight per program to stream HBM, small enough
+# for 2-3 pipeline stages in shared memory.
+DEFAULT_TILE_TOKENS = 64
+# A split handles at least this many tiles: below that the merge costs more
+# than the parallelism gains.
+DEFAULT_MIN_TILES_PER_SPLIT = 4
+# Aim for this many programs per SM: several resident programs per SM hide
+# the latency of the dependent block-table -> K/V loads.
+TARGET_PROGRAMS_PER_SM = 4
+DEFAULT_MAX_NUM_SPLITS = 32
+
+
+@triton.jit
+def _split_plan(kept_len, dense_len, grid_splits, TILE: tl.constexpr, MIN_TILES_PER_SPLIT: tl.constexpr):
+    """How one (row, kv head) is divided among splits; both kernels call this.
+
+    Returns (ragged_tiles, total_tiles, tiles_per_split, used_splits): split
+    ``s < used_splits`` handles tiles ``[s * tiles_per_split, min(.., total_tiles))``
+    and every used split has at least one tile.
+    """
+    ragged_tiles = tl.cdiv(kept_len, TILE)
+    total_tiles = ragged_tiles + tl.cdiv(dense_len, TILE)
+    wanted_splits = tl.minimum(grid_splits, tl.cdiv(total_tiles, MIN_TILES_PER_SPLIT))
+    tiles_per_split = tl.cdiv(total_tiles, tl.maximum(wanted_splits, 1))
+    used_splits = tl.cdiv(total_tiles, tl.maximum(tiles_per_split, 1))
+    return ragged_tiles, total_tiles, tiles_per_split, used_splits
+
+
+@triton.jit
+def _ragged_decode_split_kernel(
+    query_ptr,
+    kv_cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    dense_start_ptr,
+    kept_len_ptr,
+    page_start_ptr,
+    out_ptr,
+    partial_acc_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
+    scale_log2,
+    grid_splits,
+    query_stride_row,
+    query_stride_head,
+    out_stride_row,
+    out_stride_head,
+    block_table_stride_row,
+    kept_len_stride_row,
+    page_start_stride_row,
+    partial_stride_row,
+    partial_stride_head,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_GROUP: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    MIN_TILES_PER_SPLIT: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + row)
+    dense_start = tl.load(dense_start_ptr + row)
+    kept_len = tl.load(kept_len_ptr + row * kept_len_stride_row + kv_head)
+    first_page = tl.load(page_start_ptr + row * page_start_stride_row + kv_head)
+    dense_len = tl.maximum(seq_len - dense_start, 0)
+
+    ragged_tiles, total_tiles, tiles_per_split, used_splits = _split_plan(
+        kept_len, dense_len, grid_splits, TILE, MIN_TILES_PER_SPLIT
+    )
+    # With several splits an idle program writes nothing: the merge kernel
+    # reads only the used splits.  With one split the program must still write
+    # the (zero) output of an empty head.
+    if SINGLE_SPLIT or split < used_splits:
+        tile_begin = split * tiles_per_split
+        tile_end = tl.minimum(tile_begin + tiles_per_split, total_tiles)
+
+        group_offsets = tl.arange(0, BLOCK_GROUP)
+        group_mask = group_offsets < GROUP
+        dim_offsets = tl.arange(0, HEAD_SIZE)
+        q_heads = kv_head * GROUP + group_offsets
+        # [BLOCK_GROUP, HEAD_SIZE]; padded group rows are zero and their
+        # results are never stored.
+        query = tl.load(
+            query_ptr + row * query_stride_row + q_heads[:, None] * query_stride_head + dim_offsets[None, :],
+            mask=group_mask[:, None],
+            other=0.0,
+        )
+
+        running_max = tl.full([BLOCK_GROUP], float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros([BLOCK_GROUP], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_GROUP, HEAD_SIZE], dtype=tl.float32)
+
+        token_offsets = tl.arange(0, TILE)
+        block_table_row = block_table_ptr + row.to(tl.int64) * block_table_stride_row
+        for tile in range(tile_begin, tile_end):
+            # Which region the tile is in, and the token index inside that
+            # region (ragged index j, or dense index p - dense_start).  Scalar
+            # selects keep one code path for both regions, which the software
+            # pipeliner handles better than a branch.
+            is_ragged = tile < ragged_tiles
+            region_tile = tl.where(is_ragged, tile, tile - ragged_tiles)
+            region_len = tl.where(is_ragged, kept_len, dense_len)
+            region_pos = region_tile * TILE + token_offsets
+            token_valid = region_pos < region_len
+
+            # Page of each token: ragged linear page P -> (block_table[P // H],
+            # slot P % H); dense logical block p // bs -> (block_table[..], slot
+            # h).  Both regions start page-aligned, so the in-page offset is
+            # region_pos % BLOCK_SIZE in both.
+            page_in_region = region_pos // BLOCK_SIZE
+            ragged_page = first_page + page_in_region
+            table_index = tl.where(is_ragged, ragged_page // NUM_KV_HEADS, dense_start // BLOCK_SIZE + page_in_region)
+            head_slot = tl.where(is_ragged, ragged_page % NUM_KV_HEADS, kv_head)
+            block = tl.load(block_table_row + table_index, mask=token_valid, other=0).to(tl.int64)
+            token_slot = (block * NUM_KV_HEADS + head_slot) * BLOCK_SIZE + region_pos % BLOCK_SIZE
+            key_offsets = token_slot[:, None] * (2 * HEAD_SIZE) + dim_offsets[None, :]
+
+            keys = tl.load(kv_cache_ptr + key_offsets, mask=token_valid[:, None], other=0.0)
+            values = tl.load(kv_cache_ptr + key_offsets + HEAD_SIZE, mask=token_valid[:, None], other=0.0)
+
+            # [BLOCK_GROUP, TILE] scores in the log2 domain.
+            scores = tl.dot(query, tl.trans(keys), input_precision=DOT_PRECISION) * scale_log2
+            scores = tl.where(token_valid[None, :], scores, float("-inf"))
+            # Every tile holds at least one valid token, so new_max is finite;
+            # exp2(-inf - finite) = 0 resets the empty initial state.
+            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+            correction = tl.math.exp2(running_max - new_max)
+            probs = tl.math.exp2(scores - new_max[:, None])
+            running_sum = running_sum * correction + tl.sum(probs, axis=1)
+            acc = acc * correction[:, None] + tl.dot(
+                probs.to(values.dtype), values, input_precision=DOT_PRECISION
+            )
+            running_max = new_max
+
+        if SINGLE_SPLIT:
+            # An empty head has running_sum 0 and acc 0: output 0, not NaN.
+            denom = tl.where(running_sum > 0, running_sum, 1.0)
+            result = acc / denom[:, None]
+            tl.store(
+                out_ptr + row * out_stride_row + q_heads[:, None] * out_stride_head + dim_offsets[None, :],
+                result.to(out_ptr.dtype.element_ty),
+                mask=group_mask[:, None],
+            )
+        else:
+            partial_index = row.to(tl.int64) * partial_stride_row + q_heads * partial_stride_head + split
+            tl.store(partial_max_ptr + partial_index, running_max, mask=group_mask)
+            tl.store(partial_sum_ptr + partial_index, running_sum, mask=group_mask)
+            tl.store(
+                partial_acc_ptr + partial_index[:, None] * HEAD_SIZE + dim_offsets[None, :],
+                acc,
+                mask=group_mask[:, None],
+            )
+
+
+@triton.jit
+def _merge_splits_kernel(
+    seq_lens_ptr,
+    dense_start_ptr,
+    kept_len_ptr,
+    out_ptr,
+    partial_acc_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
+    grid_splits,
+    out_stride_row,
+    out_stride_head,
+    kept_len_stride_row,
+    partial_stride_row,
+    partial_stride_head,
+    GROUP: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    MIN_TILES_PER_SPLIT: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    q_head = tl.program_id(1)
+    kv_head = q_head // GROUP
+
+    seq_len = tl.load(seq_lens_ptr + row)
+    dense_start = tl.load(dense_start_ptr + row)
+    kept_len = tl.load(kept_len_ptr + row * kept_len_stride_row + kv_head)
+    dense_len = tl.maximum(seq_len - dense_start, 0)
+    # Same plan as the split kernel: only the used splits hold partials.
+    _, _, _, used_splits = _split_plan(kept_len, dense_len, grid_splits, TILE, MIN_TILES_PER_SPLIT)
+
+    split_offsets = tl.arange(0, BLOCK_SPLITS)
+    split_mask = split_offsets < used_splits
+    dim_offsets = tl.arange(0, HEAD_SIZE)
+    partial_index = row.to(tl.int64) * partial_stride_row + q_head * partial_stride_head + split_offsets
+
+    split_max = tl.load(partial_max_ptr + partial_index, mask=split_mask, other=float("-inf"))
+    split_sum = tl.load(partial_sum_ptr + partial_index, mask=split_mask, other=0.0)
+    split_acc = tl.load(
+        partial_acc_ptr + partial_index[:, None] * HEAD_SIZE + dim_offsets[None, :],
+        mask=split_mask[:, None],
+        other=0.0,
+    )
+    global_max = tl.max(split_max, axis=0)
+    # No used split (empty head): shift by 0 so the weights are exp2(-inf) = 0.
+    global_max = tl.where(global_max == float("-inf"), 0.0, global_max)
+    weight = tl.math.exp2(split_max - global_max)
+    denom = tl.sum(weight * split_sum, axis=0)
+    numer = tl.sum(weight[:, None] * split_acc, axis=0)
+    result = numer / tl.where(denom > 0, denom, 1.0)
+    tl.store(
+        out_ptr + row * out_stride_row + q_head * out_stride_head + dim_offsets,
+        result.to(out_ptr.dtype.element_ty),
+    )
+
+
+class RaggedDecodeWorkspace:
+    """Scratch for the split-KV partials, allocated once (CUDA-graph safe).
+
+    Holds ``partial_acc [max_rows, num_q_heads, max_num_splits, head_size]``
+    and ``partial_max`` / ``partial_sum [max_rows, num_q_heads, max_num_splits]``
+    in fp32 (``max_rows * num_q_heads * max_num_splits * (head_size + 2) * 4``
+    bytes: 34 MiB for 64 rows x 32 heads x 32 splits x 128).  One workspace
+    serves every layer, since layers run one after another.
+    """
+
+    def __init__(
+        self,
+        max_rows: int,
+        num_q_heads: int,
+        head_size: int,
+        max_num_splits: int = DEFAULT_MAX_NUM_SPLITS,
+        device: torch.device | str | None = None,
+        tile_tokens: int = DEFAULT_TILE_TOKENS,
+        min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT,
+    ) -> None:
+        if max_rows < 1 or num_q_heads < 1 or max_num_splits < 1:
+            raise ValueError("max_rows, num_q_heads and max_num_splits must be >= 1")
+        if head_size < 16 or head_size & (head_size - 1):
+            raise ValueError(f"head_size must be a power of two >= 16, got {head_size}")
+        if tile_tokens < 16 or tile_tokens & (tile_tokens - 1):
+            raise ValueError(f"tile_tokens must be a power of two >= 16, got {tile_tokens}")
+        device = torch.device(device) if device is not None else torch.device("cuda")
+        self.max_rows = max_rows
+        self.num_q_heads = num_q_heads
+        self.head_size = head_size
+        self.max_num_splits = max_num_splits
+        self.tile_tokens = tile_tokens
+        self.min_tiles_per_split = min_tiles_per_split
+        self.device = device
+        self.partial_acc = torch.empty((max_rows, num_q_heads, max_num_splits, head_size), dtype=torch.float32, device=device)
+        self.partial_max = torch.empty((max_rows, num_q_heads, max_num_splits), dtype=torch.float32, device=device)
+        self.partial_sum = torch.empty((max_rows, num_q_heads, max_num_splits), dtype=torch.float32, device=device)
+        if device.type == "cuda":
+            self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            self.num_sms = 1  # Triton interpreter on CPU: parallelism does not matter
+
+    def num_splits_for(self, num_rows: int, num_kv_heads: int) -> int:
+        """Grid splits for a batch shape: enough programs to fill the GPU, at most max_num_splits."""
+        wanted = math.ceil(TARGET_PROGRAMS_PER_SM * self.num_sms / max(num_rows * num_kv_heads, 1))
+        return max(1, min(wanted, self.max_num_splits))
+
+
+def _check_inputs(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    dense_start: torch.Tensor,
+    kept_len: torch.Tensor,
+    page_start: torch.Tensor,
+    out: torch.Tensor,
+    workspace: RaggedDecodeWorkspace,
+) -> None:
+    # Shape / dtype checks only: they read no device memory.
+    num_rows, num_q_heads, head_size = query.shape
+    num_kv_heads = kv_cache.shape[1]
+    if kv_cache.dim() != 4 or kv_cache.shape[3] != 2 * head_size or not kv_cache.is_contiguous():
+        raise ValueError(f"kv_cache must be a contiguous [num_blocks, H, block_size, 2*{head_size}] tensor, got {tuple(kv_cache.shape)}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if head_size & (head_size - 1) or head_size < 16:
+        raise ValueError(f"head_size must be a power of two >= 16, got {head_size}")
+    if kv_cache.shape[2] % 16:
+        raise ValueError(f"block_size must be a multiple of 16 for the Triton kernel, got {kv_cache.shape[2]}")
+    if query.stride(2) != 1 or out.stride(2) != 1 or out.shape != query.shape:
+        raise ValueError("query and out must be [num_rows, num_q_heads, head_size] with a contiguous last dim")
+    if query.dtype != kv_cache.dtype:
+        raise ValueError(f"query dtype {query.dtype} != kv_cache dtype {kv_cache.dtype}")
+    for name, tensor in (("block_table", block_table), ("kept_len", kept_len), ("page_start", page_start)):
+        if tensor.dim() != 2 or tensor.shape[0] < num_rows or tensor.stride(1) != 1 or tensor.dtype != torch.int32:
+            raise ValueError(f"{name} must be an int32 [>= num_rows, ...] tensor with a contiguous last dim")
+    if kept_len.shape[1] != num_kv_heads or page_start.shape[1] != num_kv_heads:
+        raise ValueError("kept_len and page_start must be [num_rows, num_kv_heads]")
+    for name, tensor in (("seq_lens", seq_lens), ("dense_start", dense_start)):
+        if tensor.dim() != 1 or tensor.shape[0] < num_rows or tensor.dtype != torch.int32 or tensor.stride(0) != 1:
+            raise ValueError(f"{name} must be a contiguous int32 [>= num_rows] tensor")
+    if num_rows > workspace.max_rows or num_q_heads != workspace.num_q_heads or head_size != workspace.head_size:
+        raise ValueError(
+            f"workspace is for <= {workspace.max_rows} rows, {workspace.num_q_heads} q heads, head_size "
+            f"{workspace.head_size}; got {num_rows} rows, {num_q_heads} q heads, head_size {head_size}"
+        )
+
+
+def ragged_decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    dense_start: torch.Tensor,
+    kept_len: torch.Tensor,
+    page_start: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    workspace: RaggedDecodeWorkspace,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """Decode attention of ``query [num_rows, num_q_heads, head_size]`` into ``out``.
+
+    Same semantics as ``reference.ragged_decode_attention_ref``.  ``num_splits``
+    overrides the grid's split count (tests use it to force several splits);
+    by default it follows ``workspace.num_splits_for``.  Returns ``out``.
+    """
+    _check_inputs(query, kv_cache, block_table, seq_lens, dense_start, kept_len, page_start, out, workspace)
+    num_rows, num_q_heads, head_size = query.shape
+    num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    if num_rows == 0:
+        return out
+    grid_splits = workspace.num_splits_for(num_rows, num_kv_heads) if num_splits is None else num_splits
+    if not 1 <= grid_splits <= workspace.max_num_splits:
+        raise ValueError(f"num_splits must be in 1..{workspace.max_num_splits}, got {grid_splits}")
+    single_split = grid_splits == 1
+    tile = workspace.tile_tokens
+    # fp32 caches (tests, CPU-like numerics) get exact fp32 dots instead of TF32.
+    dot_precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
+    partial_stride_row, partial_stride_head = workspace.partial_max.stride(0), workspace.partial_max.stride(1)
+
+    _ragged_decode_split_kernel[(num_rows, num_kv_heads, grid_splits)](
+        query,
+        kv_cache,
+        block_table,
+        seq_lens,
+        dense_start,
+        kept_len,
+        page_start,
+        out,
+        workspace.partial_acc,
+        workspace.partial_max,
+        workspace.partial_sum,
+        float(scale) * LOG2_E,
+        grid_splits,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_table.stride(0),
+        kept_len.stride(0),
+        page_start.stride(0),
+        partial_stride_row,
+        partial_stride_head,
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=group,
+        BLOCK_GROUP=max(16, triton.next_power_of_2(group)),
+        HEAD_SIZE=head_size,
+        BLOCK_SIZE=block_size,
+        TILE=tile,
+        MIN_TILES_PER_SPLIT=workspace.min_tiles_per_split,
+        SINGLE_SPLIT=single_split,
+        DOT_PRECISION=dot_precision,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if not single_split:
+        _merge_splits_kernel[(num_rows, num_q_heads)](
+            seq_lens,
+            dense_start,
+            kept_len,
+            out,
+            workspace.partial_acc,
+            workspace.partial_max,
+            workspace.partial_sum,
+            grid_splits,
+            out.stride(0),
+            out.stride(1),
+            kept_len.stride(0),
+            partial_stride_row,
+            partial_stride_head,
+            GROUP=group,
+            HEAD_SIZE=head_size,
+            TILE=tile,
+            MIN_TILES_PER_SPLIT=workspace.min_tiles_per_split,
+            BLOCK_SPLITS=triton.next_power_of_2(workspace.max_num_splits),
+            num_warps=4,
+        )
+    return out

@@ -109,6 +109,7 @@ def _ragged_decode_split_kernel(
     MIN_TILES_PER_SPLIT: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -141,6 +142,8 @@ def _ragged_decode_split_kernel(
             mask=group_mask[:, None],
             other=0.0,
         )
+        if DOT_IN_FP32:
+            query = query.to(tl.float32)
 
         running_max = tl.full([BLOCK_GROUP], float("-inf"), dtype=tl.float32)
         running_sum = tl.zeros([BLOCK_GROUP], dtype=tl.float32)
@@ -173,6 +176,9 @@ def _ragged_decode_split_kernel(
 
             keys = tl.load(kv_cache_ptr + key_offsets, mask=token_valid[:, None], other=0.0)
             values = tl.load(kv_cache_ptr + key_offsets + HEAD_SIZE, mask=token_valid[:, None], other=0.0)
+            if DOT_IN_FP32:
+                keys = keys.to(tl.float32)
+                values = values.to(tl.float32)
 
             # [BLOCK_GROUP, TILE] scores in the log2 domain.
             scores = tl.dot(query, tl.trans(keys), input_precision=DOT_PRECISION) * scale_log2
@@ -388,6 +394,9 @@ def ragged_decode_attention(
     tile = workspace.tile_tokens
     # fp32 caches (tests, CPU-like numerics) get exact fp32 dots instead of TF32.
     dot_precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
+    # Triton's CPU interpreter (tests) computes bf16 dots wrongly (it reads the
+    # bits as integers); there, upcast the dot operands to fp32.
+    dot_in_fp32 = kv_cache.device.type == "cpu" and kv_cache.dtype == torch.bfloat16
     partial_stride_row, partial_stride_head = workspace.partial_max.stride(0), workspace.partial_max.stride(1)
 
     _ragged_decode_split_kernel[(num_rows, num_kv_heads, grid_splits)](
@@ -422,6 +431,7 @@ def ragged_decode_attention(
         MIN_TILES_PER_SPLIT=workspace.min_tiles_per_split,
         SINGLE_SPLIT=single_split,
         DOT_PRECISION=dot_precision,
+        DOT_IN_FP32=dot_in_fp32,
         num_warps=num_warps,
         num_stages=num_stages,
     )

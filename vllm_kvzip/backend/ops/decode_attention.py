@@ -290,6 +290,7 @@ class RaggedDecodeWorkspace:
         device: torch.device | str | None = None,
         tile_tokens: int = DEFAULT_TILE_TOKENS,
         min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT,
+        target_programs_per_sm: int = TARGET_PROGRAMS_PER_SM,
     ) -> None:
         if max_rows < 1 or num_q_heads < 1 or max_num_splits < 1:
             raise ValueError("max_rows, num_q_heads and max_num_splits must be >= 1")
@@ -304,6 +305,7 @@ class RaggedDecodeWorkspace:
         self.max_num_splits = max_num_splits
         self.tile_tokens = tile_tokens
         self.min_tiles_per_split = min_tiles_per_split
+        self.target_programs_per_sm = target_programs_per_sm
         self.device = device
         self.partial_acc = torch.empty((max_rows, num_q_heads, max_num_splits, head_size), dtype=torch.float32, device=device)
         self.partial_max = torch.empty((max_rows, num_q_heads, max_num_splits), dtype=torch.float32, device=device)
@@ -315,7 +317,7 @@ class RaggedDecodeWorkspace:
 
     def num_splits_for(self, num_rows: int, num_kv_heads: int) -> int:
         """Grid splits for a batch shape: enough programs to fill the GPU, at most max_num_splits."""
-        wanted = math.ceil(TARGET_PROGRAMS_PER_SM * self.num_sms / max(num_rows * num_kv_heads, 1))
+        wanted = math.ceil(self.target_programs_per_sm * self.num_sms / max(num_rows * num_kv_heads, 1))
         return max(1, min(wanted, self.max_num_splits))
 
 

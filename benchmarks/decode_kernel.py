@@ -313,7 +313,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     vllm_kernels = None if smoke else VllmKernels(max(batches), device)
     from vllm_kvzip.backend.ops import RaggedDecodeWorkspace
 
-    workspace = None if smoke else RaggedDecodeWorkspace(max(batches), NUM_Q_HEADS, HEAD_SIZE, device=device)
+    workspace = None if smoke else RaggedDecodeWorkspace(max(batches), NUM_Q_HEADS, HEAD_SIZE, device=device, num_kv_heads=NUM_KV_HEADS)
     scale = 1.0 / math.sqrt(HEAD_SIZE)
     results: list[dict] = []
     config = dict(

@@ -37,7 +37,9 @@ from vllm_kvzip.backend.ops.decode_attention import RaggedDecodeWorkspace, ragge
 POINTS = [  # (batch, context, keep); keep None = uncompressed layout
     (1, 32768, None),
     (1, 131072, 0.2),
+    (4, 65536, 0.3),
     (8, 32768, 0.3),
+    (16, 4096, 0.1),
     (32, 16384, None),
     (64, 32768, 1.0),
     (128, 8192, 0.1),
@@ -77,7 +79,7 @@ def main() -> None:
             out = torch.empty_like(query)
             workspace = RaggedDecodeWorkspace(
                 batch, NUM_Q_HEADS, HEAD_SIZE, device=device, tile_tokens=tile,
-                min_tiles_per_split=min_tiles, target_programs_per_sm=programs,
+                min_tiles_per_split=min_tiles, target_programs_per_sm=programs, num_kv_heads=NUM_KV_HEADS,
             )
 
             def call() -> None:

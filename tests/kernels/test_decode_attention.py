@@ -37,6 +37,7 @@ def small_workspace(batch, max_num_splits: int = 8, tile_tokens: int = 16, min_t
     return RaggedDecodeWorkspace(
         num_rows, num_q_heads, head_size, max_num_splits=max_num_splits, device=DEVICE,
         tile_tokens=tile_tokens, min_tiles_per_split=min_tiles_per_split,
+        max_partial_slots=num_rows * max_num_splits,
     )
 
 
@@ -75,7 +76,7 @@ def test_default_tile_and_split_plan(num_splits: int) -> None:
         RowSpec(kept_len=[64, 513], dense_len=1),
     ]
     batch = make_ragged_batch(rows, num_kv_heads=2, group=4, head_size=64, dtype=torch.float16, device=DEVICE, seed=30)
-    workspace = RaggedDecodeWorkspace(3, 8, 64, max_num_splits=8, device=DEVICE)
+    workspace = RaggedDecodeWorkspace(3, 8, 64, max_num_splits=8, device=DEVICE, max_partial_slots=24)
     assert_matches_reference(batch, run_triton(batch, workspace, num_splits))
 
 
@@ -103,7 +104,9 @@ def test_empty_heads_and_rows_give_zero(num_splits: int) -> None:
 
 def test_workspace_reused_across_batches_and_block_size_32() -> None:
     """One workspace (as under CUDA graphs) serves batches of different sizes; block_size 32."""
-    workspace = RaggedDecodeWorkspace(4, 8, 64, max_num_splits=4, device=DEVICE, tile_tokens=32, min_tiles_per_split=1)
+    workspace = RaggedDecodeWorkspace(
+        4, 8, 64, max_num_splits=4, device=DEVICE, tile_tokens=32, min_tiles_per_split=1, max_partial_slots=16
+    )
     for seed, rows in enumerate([
         [RowSpec(kept_len=[40, 100], dense_len=33), RowSpec(kept_len=[0, 0], dense_len=65)],
         [RowSpec(kept_len=[1, 64], dense_len=1)],
@@ -112,11 +115,25 @@ def test_workspace_reused_across_batches_and_block_size_32() -> None:
         assert_matches_reference(batch, run_triton(batch, workspace, 4))
 
 
-def test_workspace_rejects_too_many_rows() -> None:
+def test_workspace_rejects_too_many_rows_or_splits() -> None:
     batch = make_ragged_batch([RowSpec([1, 1], 1)] * 3, num_kv_heads=2, group=1, head_size=64, dtype=torch.float16, device=DEVICE, seed=70)
     workspace = RaggedDecodeWorkspace(2, 2, 64, device=DEVICE)
     with pytest.raises(ValueError, match="workspace"):
         run_triton(batch, workspace, 1)
+    workspace = RaggedDecodeWorkspace(3, 2, 64, device=DEVICE, max_partial_slots=6)
+    with pytest.raises(ValueError, match="partial slots"):
+        run_triton(batch, workspace, 3)
+
+
+def test_split_grid_shrinks_with_batch() -> None:
+    """Default split plan: grid from shapes only, one split for large batches, scratch sized for the worst shape."""
+    workspace = RaggedDecodeWorkspace(256, 32, 128, device=DEVICE, num_kv_heads=8)
+    workspace.num_sms = 132  # as on an H100, whatever runs the test
+    assert workspace.split_grid(1, 8) == (66, 128)
+    assert workspace.split_grid(16, 8) == (5, 10)
+    assert workspace.split_grid(128, 8) == (1, 1)
+    worst = max(rows * workspace.split_grid(rows, 8)[1] for rows in range(1, 257))
+    assert worst <= 2 * 4 * 132 + 2 * 256  # stays a few thousand slots, not rows * max_num_splits
 
 
 @pytest.mark.skipif(not ON_GPU, reason="large shapes need a CUDA device (too slow for the Triton interpreter)")
@@ -136,6 +153,9 @@ def test_large_random_batch_cuda(dtype: torch.dtype, group: int, head_size: int)
         rows.append(RowSpec(kept_len=kept, dense_len=int(torch.randint(1, 400, (1,), generator=generator))))
     rows.append(RowSpec(kept_len=[5000] * num_kv_heads, dense_len=4000))
     batch = make_ragged_batch(rows, num_kv_heads=num_kv_heads, group=group, head_size=head_size, dtype=dtype, device=DEVICE, seed=81)
-    workspace = RaggedDecodeWorkspace(len(rows), num_kv_heads * group, head_size, device=DEVICE)
+    workspace = RaggedDecodeWorkspace(
+        len(rows), num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads,
+        max_partial_slots=len(rows) * 32,
+    )
     for num_splits in (None, 1, 7, 32):
         assert_matches_reference(batch, run_triton(batch, workspace, num_splits))

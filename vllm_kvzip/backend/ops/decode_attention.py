@@ -19,11 +19,15 @@ Kernel design
   page-aligned).  The address of each token is computed once per tile from
   the block table; the K and V rows are then loaded as ``[TILE, head_size]``
   blocks whose inner dimension is contiguous (16-byte vector loads).
-* Tiles are divided evenly among the row's splits.  The grid has a fixed
-  number of splits (chosen on the host from the *shapes* only, so a CUDA
-  graph replays it for any lengths); inside the kernel a (row, head) whose
-  sequence is short uses fewer splits (at least ``MIN_TILES_PER_SPLIT`` tiles
-  each) and the programs with nothing to do return at once.
+* Work is divided by the *row*: all heads of a row get splits of about the
+  same number of tiles, so a head that keeps more tokens gets more splits
+  (per-head KVzip budgets differ several-fold, and equal splits per head would
+  leave SMs idle while the longest head finishes).  The grid's split
+  dimension is fixed on the host from the *shapes* only (about twice the
+  nominal split count, so that long heads have room), so a CUDA graph replays
+  it for any lengths; inside the kernel each (row, head) derives how many
+  splits it uses (each at least ``MIN_TILES_PER_SPLIT`` tiles) and the
+  programs with nothing to do return at once.
 * Online softmax in fp32 (base-2 exponentials, the softmax scale folded with
   log2(e)); each split writes its unnormalised ``(acc, max, sum)`` to scratch
   and a second small kernel merges the splits.  When the grid has one split
@@ -57,22 +61,46 @@ DEFAULT_MIN_TILES_PER_SPLIT = 4
 # Aim for this many programs per SM: several resident programs per SM hide
 # the latency of the dependent block-table -> K/V loads.
 TARGET_PROGRAMS_PER_SM = 4
-DEFAULT_MAX_NUM_SPLITS = 32
+DEFAULT_MAX_NUM_SPLITS = 128
 
 
 @triton.jit
-def _split_plan(kept_len, dense_len, grid_splits, TILE: tl.constexpr, MIN_TILES_PER_SPLIT: tl.constexpr):
+def _split_plan(
+    kept_len_row_ptr,
+    kv_head,
+    dense_len,
+    nominal_splits,
+    grid_splits,
+    NUM_KV_HEADS: tl.constexpr,
+    HEADS_POW2: tl.constexpr,
+    TILE: tl.constexpr,
+    MIN_TILES_PER_SPLIT: tl.constexpr,
+):
     """How one (row, kv head) is divided among splits; both kernels call this.
+
+    Splits are sized from the *row's* work, not the head's: every head of the
+    row gets splits of about the same number of tiles, so a head that keeps
+    twice the mean gets twice the splits (up to ``grid_splits``, the grid's
+    split dimension, which the host sets to about twice ``nominal_splits``).
+    With per-head budgets (KVzip) the heads of a row differ a lot; equal
+    splits per head would leave most SMs idle while the longest head finishes.
 
     Returns (ragged_tiles, total_tiles, tiles_per_split, used_splits): split
     ``s < used_splits`` handles tiles ``[s * tiles_per_split, min(.., total_tiles))``
     and every used split has at least one tile.
     """
+    head_offsets = tl.arange(0, HEADS_POW2)
+    row_kept = tl.load(kept_len_row_ptr + head_offsets, mask=head_offsets < NUM_KV_HEADS, other=0)
+    dense_tiles = tl.cdiv(dense_len, TILE)
+    row_tiles = tl.sum(tl.cdiv(row_kept, TILE), axis=0) + NUM_KV_HEADS * dense_tiles
+    row_tiles_per_split = tl.maximum(tl.cdiv(row_tiles, NUM_KV_HEADS * nominal_splits), MIN_TILES_PER_SPLIT)
+
+    kept_len = tl.load(kept_len_row_ptr + kv_head)
     ragged_tiles = tl.cdiv(kept_len, TILE)
-    total_tiles = ragged_tiles + tl.cdiv(dense_len, TILE)
-    wanted_splits = tl.minimum(grid_splits, tl.cdiv(total_tiles, MIN_TILES_PER_SPLIT))
-    tiles_per_split = tl.cdiv(total_tiles, tl.maximum(wanted_splits, 1))
-    used_splits = tl.cdiv(total_tiles, tl.maximum(tiles_per_split, 1))
+    total_tiles = ragged_tiles + dense_tiles
+    # A head longer than grid_splits row-sized splits takes longer splits.
+    tiles_per_split = tl.maximum(row_tiles_per_split, tl.cdiv(total_tiles, grid_splits))
+    used_splits = tl.cdiv(total_tiles, tiles_per_split)
     return ragged_tiles, total_tiles, tiles_per_split, used_splits
 
 
@@ -90,6 +118,7 @@ def _ragged_decode_split_kernel(
     partial_max_ptr,
     partial_sum_ptr,
     scale_log2,
+    nominal_splits,
     grid_splits,
     query_stride_row,
     query_stride_head,
@@ -98,9 +127,8 @@ def _ragged_decode_split_kernel(
     block_table_stride_row,
     kept_len_stride_row,
     page_start_stride_row,
-    partial_stride_row,
-    partial_stride_head,
     NUM_KV_HEADS: tl.constexpr,
+    HEADS_POW2: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_GROUP: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
@@ -117,12 +145,14 @@ def _ragged_decode_split_kernel(
 
     seq_len = tl.load(seq_lens_ptr + row)
     dense_start = tl.load(dense_start_ptr + row)
-    kept_len = tl.load(kept_len_ptr + row * kept_len_stride_row + kv_head)
+    kept_len_row_ptr = kept_len_ptr + row * kept_len_stride_row
+    kept_len = tl.load(kept_len_row_ptr + kv_head)
     first_page = tl.load(page_start_ptr + row * page_start_stride_row + kv_head)
     dense_len = tl.maximum(seq_len - dense_start, 0)
 
     ragged_tiles, total_tiles, tiles_per_split, used_splits = _split_plan(
-        kept_len, dense_len, grid_splits, TILE, MIN_TILES_PER_SPLIT
+        kept_len_row_ptr, kv_head, dense_len, nominal_splits, grid_splits,
+        NUM_KV_HEADS, HEADS_POW2, TILE, MIN_TILES_PER_SPLIT,
     )
     # With several splits an idle program writes nothing: the merge kernel
     # reads only the used splits.  With one split the program must still write
@@ -204,7 +234,10 @@ def _ragged_decode_split_kernel(
                 mask=group_mask[:, None],
             )
         else:
-            partial_index = row.to(tl.int64) * partial_stride_row + q_heads * partial_stride_head + split
+            # Partial slot (row * grid_splits + split, q_head): the scratch only
+            # needs num_rows * grid_splits slots, which stays small because
+            # grid_splits shrinks as the batch grows.
+            partial_index = (row.to(tl.int64) * grid_splits + split) * (NUM_KV_HEADS * GROUP) + q_heads
             tl.store(partial_max_ptr + partial_index, running_max, mask=group_mask)
             tl.store(partial_sum_ptr + partial_index, running_sum, mask=group_mask)
             tl.store(
@@ -223,47 +256,61 @@ def _merge_splits_kernel(
     partial_acc_ptr,
     partial_max_ptr,
     partial_sum_ptr,
+    nominal_splits,
     grid_splits,
     out_stride_row,
     out_stride_head,
     kept_len_stride_row,
-    partial_stride_row,
-    partial_stride_head,
+    NUM_KV_HEADS: tl.constexpr,
+    HEADS_POW2: tl.constexpr,
     GROUP: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     TILE: tl.constexpr,
     MIN_TILES_PER_SPLIT: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
 ):
     row = tl.program_id(0)
     q_head = tl.program_id(1)
     kv_head = q_head // GROUP
+    num_q_heads: tl.constexpr = NUM_KV_HEADS * GROUP
 
     seq_len = tl.load(seq_lens_ptr + row)
     dense_start = tl.load(dense_start_ptr + row)
-    kept_len = tl.load(kept_len_ptr + row * kept_len_stride_row + kv_head)
     dense_len = tl.maximum(seq_len - dense_start, 0)
     # Same plan as the split kernel: only the used splits hold partials.
-    _, _, _, used_splits = _split_plan(kept_len, dense_len, grid_splits, TILE, MIN_TILES_PER_SPLIT)
+    _, _, _, used_splits = _split_plan(
+        kept_len_ptr + row * kept_len_stride_row, kv_head, dense_len, nominal_splits, grid_splits,
+        NUM_KV_HEADS, HEADS_POW2, TILE, MIN_TILES_PER_SPLIT,
+    )
+    first_slot = row.to(tl.int64) * grid_splits
 
+    # Pass 1: the global max and the softmax denominator over all splits.
     split_offsets = tl.arange(0, BLOCK_SPLITS)
     split_mask = split_offsets < used_splits
-    dim_offsets = tl.arange(0, HEAD_SIZE)
-    partial_index = row.to(tl.int64) * partial_stride_row + q_head * partial_stride_head + split_offsets
-
+    partial_index = (first_slot + split_offsets) * num_q_heads + q_head
     split_max = tl.load(partial_max_ptr + partial_index, mask=split_mask, other=float("-inf"))
     split_sum = tl.load(partial_sum_ptr + partial_index, mask=split_mask, other=0.0)
-    split_acc = tl.load(
-        partial_acc_ptr + partial_index[:, None] * HEAD_SIZE + dim_offsets[None, :],
-        mask=split_mask[:, None],
-        other=0.0,
-    )
     global_max = tl.max(split_max, axis=0)
     # No used split (empty head): shift by 0 so the weights are exp2(-inf) = 0.
     global_max = tl.where(global_max == float("-inf"), 0.0, global_max)
-    weight = tl.math.exp2(split_max - global_max)
-    denom = tl.sum(weight * split_sum, axis=0)
-    numer = tl.sum(weight[:, None] * split_acc, axis=0)
+    denom = tl.sum(tl.math.exp2(split_max - global_max) * split_sum, axis=0)
+
+    # Pass 2: the weighted sum of the accumulators, SPLIT_CHUNK splits at a
+    # time so that registers stay bounded however many splits there are.
+    dim_offsets = tl.arange(0, HEAD_SIZE)
+    numer = tl.zeros([HEAD_SIZE], dtype=tl.float32)
+    for chunk_start in range(0, used_splits, SPLIT_CHUNK):
+        chunk_offsets = chunk_start + tl.arange(0, SPLIT_CHUNK)
+        chunk_mask = chunk_offsets < used_splits
+        chunk_index = (first_slot + chunk_offsets) * num_q_heads + q_head
+        chunk_max = tl.load(partial_max_ptr + chunk_index, mask=chunk_mask, other=float("-inf"))
+        chunk_acc = tl.load(
+            partial_acc_ptr + chunk_index[:, None] * HEAD_SIZE + dim_offsets[None, :],
+            mask=chunk_mask[:, None],
+            other=0.0,
+        )
+        numer += tl.sum(tl.math.exp2(chunk_max - global_max)[:, None] * chunk_acc, axis=0)
     result = numer / tl.where(denom > 0, denom, 1.0)
     tl.store(
         out_ptr + row * out_stride_row + q_head * out_stride_head + dim_offsets,
@@ -274,11 +321,14 @@ def _merge_splits_kernel(
 class RaggedDecodeWorkspace:
     """Scratch for the split-KV partials, allocated once (CUDA-graph safe).
 
-    Holds ``partial_acc [max_rows, num_q_heads, max_num_splits, head_size]``
-    and ``partial_max`` / ``partial_sum [max_rows, num_q_heads, max_num_splits]``
-    in fp32 (``max_rows * num_q_heads * max_num_splits * (head_size + 2) * 4``
-    bytes: 34 MiB for 64 rows x 32 heads x 32 splits x 128).  One workspace
-    serves every layer, since layers run one after another.
+    The split grid depends only on the batch shape (``split_grid``), and the
+    scratch holds one partial ``(acc [head_size], max, sum)`` in fp32 per
+    (row, split, query head) for the largest ``num_rows * grid_splits`` any
+    batch of up to ``max_rows`` rows can need.  Since the split count shrinks
+    as the batch grows, that is a few thousand slots (about 45 MiB for 32
+    query heads of 128 with the defaults and ``num_kv_heads=1``; pass the real
+    ``num_kv_heads`` to size it tighter).  One workspace serves every layer,
+    since layers run one after another.
     """
 
     def __init__(
@@ -291,6 +341,8 @@ class RaggedDecodeWorkspace:
         tile_tokens: int = DEFAULT_TILE_TOKENS,
         min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT,
         target_programs_per_sm: int = TARGET_PROGRAMS_PER_SM,
+        num_kv_heads: int | None = None,
+        max_partial_slots: int | None = None,
     ) -> None:
         if max_rows < 1 or num_q_heads < 1 or max_num_splits < 1:
             raise ValueError("max_rows, num_q_heads and max_num_splits must be >= 1")
@@ -298,6 +350,8 @@ class RaggedDecodeWorkspace:
             raise ValueError(f"head_size must be a power of two >= 16, got {head_size}")
         if tile_tokens < 16 or tile_tokens & (tile_tokens - 1):
             raise ValueError(f"tile_tokens must be a power of two >= 16, got {tile_tokens}")
+        if num_kv_heads is not None and (num_kv_heads < 1 or num_q_heads % num_kv_heads):
+            raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_q_heads {num_q_heads}")
         device = torch.device(device) if device is not None else torch.device("cuda")
         self.max_rows = max_rows
         self.num_q_heads = num_q_heads
@@ -306,19 +360,36 @@ class RaggedDecodeWorkspace:
         self.tile_tokens = tile_tokens
         self.min_tiles_per_split = min_tiles_per_split
         self.target_programs_per_sm = target_programs_per_sm
+        self.num_kv_heads = num_kv_heads
         self.device = device
-        self.partial_acc = torch.empty((max_rows, num_q_heads, max_num_splits, head_size), dtype=torch.float32, device=device)
-        self.partial_max = torch.empty((max_rows, num_q_heads, max_num_splits), dtype=torch.float32, device=device)
-        self.partial_sum = torch.empty((max_rows, num_q_heads, max_num_splits), dtype=torch.float32, device=device)
         if device.type == "cuda":
             self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         else:
             self.num_sms = 1  # Triton interpreter on CPU: parallelism does not matter
+        # Slots for the worst batch shape under split_grid.  Callers that pass
+        # an explicit num_splits to the kernel (tests, tuning) size it with
+        # max_partial_slots (up to max_rows * max_num_splits); checked at launch.
+        if max_partial_slots is None:
+            kv_heads_bound = num_kv_heads or 1
+            max_partial_slots = max(rows * self.split_grid(rows, kv_heads_bound)[1] for rows in range(1, max_rows + 1))
+        self.max_partial_slots = max_partial_slots
+        self.partial_acc = torch.empty((self.max_partial_slots, num_q_heads, head_size), dtype=torch.float32, device=device)
+        self.partial_max = torch.empty((self.max_partial_slots, num_q_heads), dtype=torch.float32, device=device)
+        self.partial_sum = torch.empty((self.max_partial_slots, num_q_heads), dtype=torch.float32, device=device)
 
-    def num_splits_for(self, num_rows: int, num_kv_heads: int) -> int:
-        """Grid splits for a batch shape: enough programs to fill the GPU, at most max_num_splits."""
-        wanted = math.ceil(self.target_programs_per_sm * self.num_sms / max(num_rows * num_kv_heads, 1))
-        return max(1, min(wanted, self.max_num_splits))
+    def split_grid(self, num_rows: int, num_kv_heads: int) -> tuple[int, int]:
+        """(nominal_splits, grid_splits) for a batch shape (shapes only: CUDA-graph safe).
+
+        ``nominal_splits`` per (row, head) give about ``target_programs_per_sm``
+        programs per SM; the grid has up to twice that many splits so that
+        heads longer than the row's mean can take proportionally more.  Large
+        batches fill the GPU with one split each (and skip the merge kernel).
+        """
+        nominal = math.ceil(self.target_programs_per_sm * self.num_sms / max(num_rows * num_kv_heads, 1))
+        if nominal <= 1 or self.max_num_splits == 1:
+            return 1, 1
+        grid = min(2 * nominal, self.max_num_splits)
+        return min(nominal, grid), grid
 
 
 def _check_inputs(
@@ -381,7 +452,9 @@ def ragged_decode_attention(
 
     Same semantics as ``reference.ragged_decode_attention_ref``.  ``num_splits``
     overrides the grid's split count (tests use it to force several splits);
-    by default it follows ``workspace.num_splits_for``.  Returns ``out``.
+    by default it follows ``workspace.split_grid``; an explicit ``num_splits``
+    sets the grid's split dimension (the nominal split count is half of it)
+    and needs ``num_rows * num_splits <= workspace.max_partial_slots``.  Returns ``out``.
     """
     _check_inputs(query, kv_cache, block_table, seq_lens, dense_start, kept_len, page_start, out, workspace)
     num_rows, num_q_heads, head_size = query.shape
@@ -389,9 +462,12 @@ def ragged_decode_attention(
     group = num_q_heads // num_kv_heads
     if num_rows == 0:
         return out
-    grid_splits = workspace.num_splits_for(num_rows, num_kv_heads) if num_splits is None else num_splits
-    if not 1 <= grid_splits <= workspace.max_num_splits:
-        raise ValueError(f"num_splits must be in 1..{workspace.max_num_splits}, got {grid_splits}")
+    if num_splits is None:
+        nominal_splits, grid_splits = workspace.split_grid(num_rows, num_kv_heads)
+    else:
+        if not 1 <= num_splits <= workspace.max_num_splits:
+            raise ValueError(f"num_splits must be in 1..{workspace.max_num_splits}, got {num_splits}")
+        nominal_splits, grid_splits = max(1, num_splits // 2), num_splits
     single_split = grid_splits == 1
     tile = workspace.tile_tokens
     # fp32 caches (tests, CPU-like numerics) get exact fp32 dots instead of TF32.
@@ -399,7 +475,10 @@ def ragged_decode_attention(
     # Triton's CPU interpreter (tests) computes bf16 dots wrongly (it reads the
     # bits as integers); there, upcast the dot operands to fp32.
     dot_in_fp32 = kv_cache.device.type == "cpu" and kv_cache.dtype == torch.bfloat16
-    partial_stride_row, partial_stride_head = workspace.partial_max.stride(0), workspace.partial_max.stride(1)
+    if num_rows * grid_splits > workspace.max_partial_slots:
+        raise ValueError(
+            f"{num_rows} rows x {grid_splits} splits exceed the workspace's {workspace.max_partial_slots} partial slots"
+        )
 
     _ragged_decode_split_kernel[(num_rows, num_kv_heads, grid_splits)](
         query,
@@ -414,6 +493,7 @@ def ragged_decode_attention(
         workspace.partial_max,
         workspace.partial_sum,
         float(scale) * LOG2_E,
+        nominal_splits,
         grid_splits,
         query.stride(0),
         query.stride(1),
@@ -422,9 +502,8 @@ def ragged_decode_attention(
         block_table.stride(0),
         kept_len.stride(0),
         page_start.stride(0),
-        partial_stride_row,
-        partial_stride_head,
         NUM_KV_HEADS=num_kv_heads,
+        HEADS_POW2=triton.next_power_of_2(num_kv_heads),
         GROUP=group,
         BLOCK_GROUP=max(16, triton.next_power_of_2(group)),
         HEAD_SIZE=head_size,
@@ -446,17 +525,19 @@ def ragged_decode_attention(
             workspace.partial_acc,
             workspace.partial_max,
             workspace.partial_sum,
+            nominal_splits,
             grid_splits,
             out.stride(0),
             out.stride(1),
             kept_len.stride(0),
-            partial_stride_row,
-            partial_stride_head,
+            NUM_KV_HEADS=num_kv_heads,
+            HEADS_POW2=triton.next_power_of_2(num_kv_heads),
             GROUP=group,
             HEAD_SIZE=head_size,
             TILE=tile,
             MIN_TILES_PER_SPLIT=workspace.min_tiles_per_split,
-            BLOCK_SPLITS=triton.next_power_of_2(workspace.max_num_splits),
+            BLOCK_SPLITS=triton.next_power_of_2(grid_splits),
+            SPLIT_CHUNK=min(16, triton.next_power_of_2(grid_splits)),
             num_warps=4,
         )
     return out

@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--stages", default="2,3,4")
     parser.add_argument("--programs-per-sm", default="4")
     parser.add_argument("--min-tiles", default="4")
+    parser.add_argument("--inner", type=int, default=10, help="kernel calls per CUDA graph")
+    parser.add_argument("--repeats", type=int, default=5, help="graph replays per point (median)")
+    parser.add_argument("--passes", type=int, default=1, help="measure every config this many times (noise check)")
     args = parser.parse_args()
     device = torch.device("cuda")
     max_blocks = max(b * (math.ceil(c / BLOCK_SIZE) + DENSE_TAIL // BLOCK_SIZE + 2) for b, c, _ in POINTS)
@@ -61,7 +64,7 @@ def main() -> None:
     for chunk in torch.split(pool, 4096):
         chunk.normal_()
     scale = 1.0 / math.sqrt(HEAD_SIZE)
-    configs = list(itertools.product(
+    configs = args.passes * list(itertools.product(
         [int(x) for x in args.tiles.split(",")], [int(x) for x in args.warps.split(",")],
         [int(x) for x in args.stages.split(",")], [int(x) for x in args.programs_per_sm.split(",")],
         [int(x) for x in args.min_tiles.split(",")],
@@ -89,7 +92,7 @@ def main() -> None:
                 )
 
             try:
-                time_us = time_graph([call], 10, 5)
+                time_us = time_graph([call], args.inner, args.repeats)
                 fractions.append(f"{layout.kv_bytes / (time_us * 1e-6) / PEAK_BANDWIDTH:.3f}")
             except Exception as exc:  # e.g. out of shared memory for a big tile x many stages
                 fractions.append("fail")

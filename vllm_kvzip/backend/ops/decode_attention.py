@@ -51,16 +51,22 @@ import triton.language as tl
 
 LOG2_E = 1.4426950408889634
 
-# Tokens per tile.  64 tokens of K and V at head_size 128 in bf16 are 32 KiB
-# per stage: enough bytes in flight per program to stream HBM, small enough
-# for 2-3 pipeline stages in shared memory.
+# Launch parameters, tuned on an H100 (benchmarks/tune_decode_kernel.py; Llama-3.1-8B
+# shapes, bf16, batch 1..128, context 4k..128k, keep 0.1..1.0):
+# * 64-token tiles: K+V of a tile at head_size 128 in bf16 is 32 KiB, enough
+#   bytes in flight per stage; 128-token tiles won only at the largest batches.
 DEFAULT_TILE_TOKENS = 64
-# A split handles at least this many tiles: below that the merge costs more
-# than the parallelism gains.
+# * a split handles at least 4 tiles (256 tokens): shorter splits cost more in
+#   merge traffic and per-program set-up than they gain in parallelism.
 DEFAULT_MIN_TILES_PER_SPLIT = 4
-# Aim for this many programs per SM: several resident programs per SM hide
-# the latency of the dependent block-table -> K/V loads.
-TARGET_PROGRAMS_PER_SM = 4
+# * about 2 programs per SM: with 2-3 resident CTAs per SM (shared memory of
+#   the pipeline stages) one wave of row-balanced programs, all of about the
+#   same length, runs at once; 4 or 8 per SM measured 5-15% slower at small batch.
+TARGET_PROGRAMS_PER_SM = 2
+# * 3 pipeline stages when the grid is filled by splitting a few rows (more
+#   loads in flight per program), 2 when many rows fill it (3 CTAs per SM
+#   instead of 2); each choice measured up to 10% better in its regime.
+STAGES_FEW_ROWS, STAGES_MANY_ROWS = 3, 2
 DEFAULT_MAX_NUM_SPLITS = 128
 
 
@@ -325,9 +331,10 @@ class RaggedDecodeWorkspace:
     scratch holds one partial ``(acc [head_size], max, sum)`` in fp32 per
     (row, split, query head) for the largest ``num_rows * grid_splits`` any
     batch of up to ``max_rows`` rows can need.  Since the split count shrinks
-    as the batch grows, that is a few thousand slots (about 45 MiB for 32
-    query heads of 128 with the defaults and ``num_kv_heads=1``; pass the real
-    ``num_kv_heads`` to size it tighter).  One workspace serves every layer,
+    as the batch grows, that is about ``2 * target_programs_per_sm * num_sms /
+    num_kv_heads + 2 * max_rows`` slots (1.3k slots, 22 MiB, for 256 rows of
+    32 query heads of 128 with 8 KV heads on an H100; without ``num_kv_heads``
+    it is sized for 1 KV head, about 3x more).  One workspace serves every layer,
     since layers run one after another.
     """
 
@@ -446,7 +453,7 @@ def ragged_decode_attention(
     workspace: RaggedDecodeWorkspace,
     num_splits: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of ``query [num_rows, num_q_heads, head_size]`` into ``out``.
 
@@ -469,6 +476,8 @@ def ragged_decode_attention(
             raise ValueError(f"num_splits must be in 1..{workspace.max_num_splits}, got {num_splits}")
         nominal_splits, grid_splits = max(1, num_splits // 2), num_splits
     single_split = grid_splits == 1
+    if num_stages is None:
+        num_stages = STAGES_FEW_ROWS if num_rows * num_kv_heads < workspace.num_sms else STAGES_MANY_ROWS
     tile = workspace.tile_tokens
     # fp32 caches (tests, CPU-like numerics) get exact fp32 dots instead of TF32.
     dot_precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"

@@ -49,17 +49,24 @@ POINTS = [  # (batch, context, keep); keep None = uncompressed layout
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tiles", default="32,64,128")
-    parser.add_argument("--warps", default="4,8")
-    parser.add_argument("--stages", default="2,3,4")
-    parser.add_argument("--programs-per-sm", default="4")
+    parser.add_argument("--tiles", default="64")
+    parser.add_argument("--warps", default="4")
+    parser.add_argument("--stages", default="0", help="0 = the kernel's own regime rule")
+    parser.add_argument("--programs-per-sm", default="0", help="0 = the kernel's own regime rule")
     parser.add_argument("--min-tiles", default="4")
     parser.add_argument("--inner", type=int, default=10, help="kernel calls per CUDA graph")
     parser.add_argument("--repeats", type=int, default=5, help="graph replays per point (median)")
     parser.add_argument("--passes", type=int, default=1, help="measure every config this many times (noise check)")
+    parser.add_argument("--points", help="batch:context:keep,... (keep 'none' = uncompressed); default: a fixed set")
     args = parser.parse_args()
+    points = POINTS
+    if args.points:
+        points = [
+            (int(b), int(c), None if k == "none" else float(k))
+            for b, c, k in (item.split(":") for item in args.points.split(","))
+        ]
     device = torch.device("cuda")
-    max_blocks = max(b * (math.ceil(c / BLOCK_SIZE) + DENSE_TAIL // BLOCK_SIZE + 2) for b, c, _ in POINTS)
+    max_blocks = max(b * (math.ceil(c / BLOCK_SIZE) + DENSE_TAIL // BLOCK_SIZE + 2) for b, c, _ in points)
     pool = torch.empty((max_blocks, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE), dtype=torch.bfloat16, device=device)
     for chunk in torch.split(pool, 4096):
         chunk.normal_()
@@ -69,10 +76,10 @@ def main() -> None:
         [int(x) for x in args.stages.split(",")], [int(x) for x in args.programs_per_sm.split(",")],
         [int(x) for x in args.min_tiles.split(",")],
     ))
-    print("config (tile,warps,stages,progs/SM,min_tiles) | " + " ".join(f"b{b}/c{c // 1024}k/k{keep}" for b, c, keep in POINTS))
+    print("config (tile,warps,stages,progs/SM,min_tiles) | " + " ".join(f"b{b}/c{c // 1024}k/k{keep}" for b, c, keep in points))
     for tile, warps, stages, programs, min_tiles in configs:
         fractions = []
-        for batch, context, keep in POINTS:
+        for batch, context, keep in points:
             block_ids = torch.randperm(max_blocks)
             if keep is None:
                 layout = dense_layout(batch, context, block_ids, device)
@@ -82,13 +89,13 @@ def main() -> None:
             out = torch.empty_like(query)
             workspace = RaggedDecodeWorkspace(
                 batch, NUM_Q_HEADS, HEAD_SIZE, device=device, tile_tokens=tile,
-                min_tiles_per_split=min_tiles, target_programs_per_sm=programs, num_kv_heads=NUM_KV_HEADS,
+                min_tiles_per_split=min_tiles, target_programs_per_sm=programs or None, num_kv_heads=NUM_KV_HEADS,
             )
 
             def call() -> None:
                 ragged_decode_attention(
                     query, pool, layout.block_table, layout.seq_lens, layout.dense_start, layout.kept_len,
-                    layout.page_start, scale, out, workspace, num_warps=warps, num_stages=stages,
+                    layout.page_start, scale, out, workspace, num_warps=warps, num_stages=stages or None,
                 )
 
             try:

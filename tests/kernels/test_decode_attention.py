@@ -136,6 +136,13 @@ def test_split_grid_shrinks_with_batch() -> None:
     assert workspace.split_grid(1, 8) == (16, 16)
     worst = max(rows * workspace.split_grid(rows, 8)[1] for rows in range(1, 257))
     assert worst <= 2 * 2 * 132 + 2 * 256  # a few hundred slots, not rows * max_num_splits
+    # The default, regime-dependent plan (see the tuning notes in decode_attention.py).
+    workspace = RaggedDecodeWorkspace(256, 32, 128, device=DEVICE, num_kv_heads=8)
+    workspace.num_sms = 132
+    assert workspace.split_grid(1, 8) == (33, 66) and workspace.num_stages(1, 8) == 3
+    assert workspace.split_grid(16, 8) == (4, 8) and workspace.num_stages(16, 8) == 2
+    assert workspace.split_grid(64, 8) == (2, 4)
+    assert workspace.split_grid(128, 8) == (1, 1)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="large shapes need a CUDA device (too slow for the Triton interpreter)")

@@ -59,14 +59,18 @@ DEFAULT_TILE_TOKENS = 64
 # * a split handles at least 4 tiles (256 tokens): shorter splits cost more in
 #   merge traffic and per-program set-up than they gain in parallelism.
 DEFAULT_MIN_TILES_PER_SPLIT = 4
-# * about 2 programs per SM: with 2-3 resident CTAs per SM (shared memory of
-#   the pipeline stages) one wave of row-balanced programs, all of about the
-#   same length, runs at once; 4 or 8 per SM measured 5-15% slower at small batch.
-TARGET_PROGRAMS_PER_SM = 2
-# * 3 pipeline stages when the grid is filled by splitting a few rows (more
-#   loads in flight per program), 2 when many rows fill it (3 CTAs per SM
-#   instead of 2); each choice measured up to 10% better in its regime.
-STAGES_FEW_ROWS, STAGES_MANY_ROWS = 3, 2
+# * split plan and pipeline depth by regime (rows * kv_heads vs the SM count):
+#   - few (row, head) pairs (< SMs / 2, e.g. batch <= 8 at 8 KV heads): the
+#     GPU is filled by splitting, about 2 programs per SM, 3 pipeline stages
+#     (more loads in flight per program);
+#   - more pairs: about 3 programs per SM, 2 stages (3 CTAs per SM fit), and
+#     at least 2 splits while pairs <= 4 * SMs, so that the row-balanced plan
+#     evens out heads of different lengths (one split per head left 8-10% on
+#     the table at batch 64 with +-40% per-head budgets).
+#   Measured: 4 or 6 programs per SM, or the other stage count, were 5-15%
+#   slower in the regime where they are not used.
+PROGRAMS_PER_SM_FEW_PAIRS, PROGRAMS_PER_SM_MANY_PAIRS = 2, 3
+STAGES_FEW_PAIRS, STAGES_MANY_PAIRS = 3, 2
 DEFAULT_MAX_NUM_SPLITS = 128
 
 
@@ -331,10 +335,10 @@ class RaggedDecodeWorkspace:
     scratch holds one partial ``(acc [head_size], max, sum)`` in fp32 per
     (row, split, query head) for the largest ``num_rows * grid_splits`` any
     batch of up to ``max_rows`` rows can need.  Since the split count shrinks
-    as the batch grows, that is about ``2 * target_programs_per_sm * num_sms /
-    num_kv_heads + 2 * max_rows`` slots (1.3k slots, 22 MiB, for 256 rows of
-    32 query heads of 128 with 8 KV heads on an H100; without ``num_kv_heads``
-    it is sized for 1 KV head, about 3x more).  One workspace serves every layer,
+    as the batch grows, that is about ``6 * num_sms / num_kv_heads + 4 *
+    max_rows`` slots (about 1.2k slots, 20 MiB, for 256 rows of 32 query heads
+    of 128 with 8 KV heads on an H100; without ``num_kv_heads`` it is sized
+    for 1 KV head, a few times more).  One workspace serves every layer,
     since layers run one after another.
     """
 
@@ -347,7 +351,7 @@ class RaggedDecodeWorkspace:
         device: torch.device | str | None = None,
         tile_tokens: int = DEFAULT_TILE_TOKENS,
         min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT,
-        target_programs_per_sm: int = TARGET_PROGRAMS_PER_SM,
+        target_programs_per_sm: int | None = None,
         num_kv_heads: int | None = None,
         max_partial_slots: int | None = None,
     ) -> None:
@@ -384,15 +388,32 @@ class RaggedDecodeWorkspace:
         self.partial_max = torch.empty((self.max_partial_slots, num_q_heads), dtype=torch.float32, device=device)
         self.partial_sum = torch.empty((self.max_partial_slots, num_q_heads), dtype=torch.float32, device=device)
 
+    def few_pairs(self, num_rows: int, num_kv_heads: int) -> bool:
+        """Whether the batch has few (row, kv head) pairs: the GPU is filled by splitting them."""
+        return 2 * num_rows * num_kv_heads < self.num_sms
+
+    def num_stages(self, num_rows: int, num_kv_heads: int) -> int:
+        """Pipeline stages of the split kernel for a batch shape (see the tuning notes above)."""
+        return STAGES_FEW_PAIRS if self.few_pairs(num_rows, num_kv_heads) else STAGES_MANY_PAIRS
+
     def split_grid(self, num_rows: int, num_kv_heads: int) -> tuple[int, int]:
         """(nominal_splits, grid_splits) for a batch shape (shapes only: CUDA-graph safe).
 
         ``nominal_splits`` per (row, head) give about ``target_programs_per_sm``
-        programs per SM; the grid has up to twice that many splits so that
-        heads longer than the row's mean can take proportionally more.  Large
-        batches fill the GPU with one split each (and skip the merge kernel).
+        programs per SM (by regime unless set); the grid has up to twice that
+        many splits so that heads longer than the row's mean can take
+        proportionally more.  Large batches fill the GPU with one split each
+        (and skip the merge kernel).
         """
-        nominal = math.ceil(self.target_programs_per_sm * self.num_sms / max(num_rows * num_kv_heads, 1))
+        pairs = max(num_rows * num_kv_heads, 1)
+        if self.target_programs_per_sm is not None:
+            programs_per_sm, min_nominal = self.target_programs_per_sm, 1
+        elif self.few_pairs(num_rows, num_kv_heads):
+            programs_per_sm, min_nominal = PROGRAMS_PER_SM_FEW_PAIRS, 1
+        else:
+            programs_per_sm = PROGRAMS_PER_SM_MANY_PAIRS
+            min_nominal = 2 if pairs <= 4 * self.num_sms else 1
+        nominal = max(min_nominal, math.ceil(programs_per_sm * self.num_sms / pairs))
         if nominal <= 1 or self.max_num_splits == 1:
             return 1, 1
         grid = min(2 * nominal, self.max_num_splits)
@@ -477,7 +498,7 @@ def ragged_decode_attention(
         nominal_splits, grid_splits = max(1, num_splits // 2), num_splits
     single_split = grid_splits == 1
     if num_stages is None:
-        num_stages = STAGES_FEW_ROWS if num_rows * num_kv_heads < workspace.num_sms else STAGES_MANY_ROWS
+        num_stages = workspace.num_stages(num_rows, num_kv_heads)
     tile = workspace.tile_tokens
     # fp32 caches (tests, CPU-like numerics) get exact fp32 dots instead of TF32.
     dot_precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"

@@ -1,0 +1,170 @@
+"""Triton ragged decode attention equals the torch reference.
+
+Without a GPU these run through TRITON_INTERPRET=1 (see conftest.py) on small
+shapes; `tile_tokens=16, min_tiles_per_split=1` workspaces make short
+sequences span many tiles and splits.  Large shapes run only on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.ragged_cases import RowSpec, brute_force_decode_attention, make_ragged_batch, tolerance
+from vllm_kvzip.backend.ops import RaggedDecodeWorkspace, ragged_decode_attention, ragged_decode_attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = torch.cuda.is_available()
+
+# One batch mixing every edge case of the brief.
+MIXED_ROWS_4_HEADS = [
+    RowSpec(kept_len=[0, 1, 32, 45], dense_len=21),  # a head keeping 0, one keeping 1, full pages, partial page
+    RowSpec(kept_len=[0, 0, 0, 0], dense_len=37),  # uncompressed row
+    RowSpec(kept_len=[17, 3, 64, 8], dense_len=1),  # dense part is a single token
+    RowSpec(kept_len=[150, 90, 5, 131], dense_len=40),  # long heads spanning many tiles / splits
+]
+
+
+def run_triton(batch, workspace: RaggedDecodeWorkspace, num_splits: int | None) -> torch.Tensor:
+    out = torch.full_like(batch.query, float("nan"))  # poisoned: every element must be written
+    result = ragged_decode_attention(*batch.args(), out=out, workspace=workspace, use_triton=True, num_splits=num_splits)
+    assert result is out
+    return out
+
+
+def small_workspace(batch, max_num_splits: int = 8, tile_tokens: int = 16, min_tiles_per_split: int = 1) -> RaggedDecodeWorkspace:
+    num_rows, num_q_heads, head_size = batch.query.shape
+    return RaggedDecodeWorkspace(
+        num_rows, num_q_heads, head_size, max_num_splits=max_num_splits, device=DEVICE,
+        tile_tokens=tile_tokens, min_tiles_per_split=min_tiles_per_split,
+        max_partial_slots=num_rows * max_num_splits,
+    )
+
+
+def assert_matches_reference(batch, out: torch.Tensor) -> None:
+    expected = ragged_decode_attention_ref(*batch.args())
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.float(), expected.float(), **tolerance(batch.query.dtype))
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_mixed_batch_gqa_and_head_sizes(group: int, head_size: int, num_splits: int) -> None:
+    batch = make_ragged_batch(MIXED_ROWS_4_HEADS, num_kv_heads=4, group=group, head_size=head_size, dtype=torch.float16, device=DEVICE, seed=10 + group)
+    out = run_triton(batch, small_workspace(batch), num_splits)
+    assert_matches_reference(batch, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes(dtype: torch.dtype) -> None:
+    batch = make_ragged_batch(MIXED_ROWS_4_HEADS, num_kv_heads=4, group=2, head_size=64, dtype=dtype, device=DEVICE, seed=20)
+    out = run_triton(batch, small_workspace(batch), 3)
+    assert out.dtype == dtype
+    assert_matches_reference(batch, out)
+    # and the reference itself against float64 brute force, so both are pinned
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double().cpu(), brute_force_decode_attention(batch), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 8])
+def test_default_tile_and_split_plan(num_splits: int) -> None:
+    """The production tile (64 tokens, >= 4 tiles per split) on heads of a few hundred tokens."""
+    rows = [
+        RowSpec(kept_len=[300, 0], dense_len=70),
+        RowSpec(kept_len=[0, 0], dense_len=200),
+        RowSpec(kept_len=[64, 513], dense_len=1),
+    ]
+    batch = make_ragged_batch(rows, num_kv_heads=2, group=4, head_size=64, dtype=torch.float16, device=DEVICE, seed=30)
+    workspace = RaggedDecodeWorkspace(3, 8, 64, max_num_splits=8, device=DEVICE, max_partial_slots=24)
+    assert_matches_reference(batch, run_triton(batch, workspace, num_splits))
+
+
+def test_many_splits_long_head() -> None:
+    """A head far longer than the others, spread over every split of the grid."""
+    rows = [RowSpec(kept_len=[611, 2], dense_len=129)]
+    batch = make_ragged_batch(rows, num_kv_heads=2, group=2, head_size=64, dtype=torch.float16, device=DEVICE, seed=40)
+    workspace = small_workspace(batch, max_num_splits=16)
+    assert_matches_reference(batch, run_triton(batch, workspace, 16))
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_empty_heads_and_rows_give_zero(num_splits: int) -> None:
+    rows = [
+        RowSpec(kept_len=[0, 5], dense_len=0),  # head 0 sees no key at all
+        RowSpec(kept_len=[0, 0], dense_len=0),  # fully empty row
+        RowSpec(kept_len=[3, 0], dense_len=2),
+    ]
+    batch = make_ragged_batch(rows, num_kv_heads=2, group=2, head_size=64, dtype=torch.float16, device=DEVICE, seed=50)
+    out = run_triton(batch, small_workspace(batch), num_splits)
+    assert not torch.isnan(out).any()
+    assert torch.all(out[0, :2] == 0) and torch.all(out[1] == 0)
+    assert_matches_reference(batch, out)
+
+
+def test_workspace_reused_across_batches_and_block_size_32() -> None:
+    """One workspace (as under CUDA graphs) serves batches of different sizes; block_size 32."""
+    workspace = RaggedDecodeWorkspace(
+        4, 8, 64, max_num_splits=4, device=DEVICE, tile_tokens=32, min_tiles_per_split=1, max_partial_slots=16
+    )
+    for seed, rows in enumerate([
+        [RowSpec(kept_len=[40, 100], dense_len=33), RowSpec(kept_len=[0, 0], dense_len=65)],
+        [RowSpec(kept_len=[1, 64], dense_len=1)],
+    ]):
+        batch = make_ragged_batch(rows, num_kv_heads=2, group=4, head_size=64, block_size=32, dtype=torch.float16, device=DEVICE, seed=60 + seed)
+        assert_matches_reference(batch, run_triton(batch, workspace, 4))
+
+
+def test_workspace_rejects_too_many_rows_or_splits() -> None:
+    batch = make_ragged_batch([RowSpec([1, 1], 1)] * 3, num_kv_heads=2, group=1, head_size=64, dtype=torch.float16, device=DEVICE, seed=70)
+    workspace = RaggedDecodeWorkspace(2, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="workspace"):
+        run_triton(batch, workspace, 1)
+    workspace = RaggedDecodeWorkspace(3, 2, 64, device=DEVICE, max_partial_slots=6)
+    with pytest.raises(ValueError, match="partial slots"):
+        run_triton(batch, workspace, 3)
+
+
+def test_split_grid_shrinks_with_batch() -> None:
+    """Default split plan: grid from shapes only, one split for large batches, scratch sized for the worst shape."""
+    workspace = RaggedDecodeWorkspace(256, 32, 128, device=DEVICE, num_kv_heads=8, target_programs_per_sm=2)
+    workspace.num_sms = 132  # as on an H100, whatever runs the test
+    assert workspace.split_grid(1, 8) == (33, 66)
+    assert workspace.split_grid(16, 8) == (3, 6)
+    assert workspace.split_grid(33, 8) == (1, 1)
+    workspace.max_num_splits = 16
+    assert workspace.split_grid(1, 8) == (16, 16)
+    worst = max(rows * workspace.split_grid(rows, 8)[1] for rows in range(1, 257))
+    assert worst <= 2 * 2 * 132 + 2 * 256  # a few hundred slots, not rows * max_num_splits
+    # The default, regime-dependent plan (see the tuning notes in decode_attention.py).
+    workspace = RaggedDecodeWorkspace(256, 32, 128, device=DEVICE, num_kv_heads=8)
+    workspace.num_sms = 132
+    assert workspace.split_grid(1, 8) == (33, 66) and workspace.num_stages(1, 8) == 3
+    assert workspace.split_grid(16, 8) == (4, 8) and workspace.num_stages(16, 8) == 2
+    assert workspace.split_grid(64, 8) == (2, 4)
+    assert workspace.split_grid(128, 8) == (1, 1)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="large shapes need a CUDA device (too slow for the Triton interpreter)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_large_random_batch_cuda(dtype: torch.dtype, group: int, head_size: int) -> None:
+    generator = torch.Generator().manual_seed(80 + group)
+    num_kv_heads = 8
+    rows = []
+    for row in range(12):
+        if row % 3 == 0:
+            kept = [0] * num_kv_heads  # uncompressed
+        else:
+            kept = [int(x) for x in torch.randint(0, 3000, (num_kv_heads,), generator=generator)]
+            kept[row % num_kv_heads] = 0
+        rows.append(RowSpec(kept_len=kept, dense_len=int(torch.randint(1, 400, (1,), generator=generator))))
+    rows.append(RowSpec(kept_len=[5000] * num_kv_heads, dense_len=4000))
+    batch = make_ragged_batch(rows, num_kv_heads=num_kv_heads, group=group, head_size=head_size, dtype=dtype, device=DEVICE, seed=81)
+    workspace = RaggedDecodeWorkspace(
+        len(rows), num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads,
+        max_partial_slots=len(rows) * 32,
+    )
+    for num_splits in (None, 1, 7, 32):
+        assert_matches_reference(batch, run_triton(batch, workspace, num_splits))

@@ -1,0 +1,129 @@
+"""The torch reference (also the CPU production path) against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.ragged_cases import (
+    RowSpec,
+    brute_force_decode_attention,
+    brute_force_head_kv,
+    make_ragged_batch,
+)
+from vllm_kvzip.backend.ops import (
+    compact_kv,
+    compact_kv_ref,
+    gather_head_kv,
+    ragged_attention_ref,
+    ragged_decode_attention,
+    ragged_decode_attention_ref,
+)
+
+MIXED_ROWS = [
+    RowSpec(kept_len=[0, 1, 32, 45], dense_len=21),  # empty, single, full pages, partial page
+    RowSpec(kept_len=[0, 0, 0, 0], dense_len=37),  # uncompressed
+    RowSpec(kept_len=[17, 3, 64, 8], dense_len=1),  # dense part is just the decode token
+    RowSpec(kept_len=[150, 90, 5, 130], dense_len=40),  # longer heads, several chunks
+]
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_gather_head_kv_matches_token_walk(group: int) -> None:
+    batch = make_ragged_batch(MIXED_ROWS, num_kv_heads=4, group=group, head_size=16, dtype=torch.float32, seed=1)
+    for row in range(len(MIXED_ROWS)):
+        for head in range(4):
+            keys, values = gather_head_kv(
+                batch.kv_cache, batch.block_table[row], int(batch.seq_lens[row]), int(batch.dense_start[row]),
+                batch.kept_len[row], batch.page_start[row], head,
+            )
+            expected_keys, expected_values = brute_force_head_kv(batch, row, head)
+            assert keys.shape == expected_keys.shape
+            assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+            assert not torch.isnan(keys).any(), "gathered a slot outside the head's sequence"
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("chunk_tokens", [32, 1024])
+def test_decode_reference_matches_brute_force(group: int, head_size: int, chunk_tokens: int) -> None:
+    batch = make_ragged_batch(MIXED_ROWS, num_kv_heads=4, group=group, head_size=head_size, dtype=torch.float32, seed=2)
+    query_start_loc = torch.arange(len(MIXED_ROWS) + 1, dtype=torch.int32)
+    out = ragged_attention_ref(
+        batch.query, query_start_loc, batch.kv_cache, batch.block_table, batch.seq_lens, batch.dense_start,
+        batch.kept_len, batch.page_start, batch.scale, chunk_tokens=chunk_tokens,
+    )
+    expected = brute_force_decode_attention(batch)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_reference_low_precision(dtype: torch.dtype) -> None:
+    batch = make_ragged_batch(MIXED_ROWS, num_kv_heads=4, group=2, head_size=64, dtype=dtype, seed=3)
+    out = ragged_decode_attention_ref(*batch.args())
+    assert out.dtype == dtype
+    expected = brute_force_decode_attention(batch)  # float64 on the same rounded inputs
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_empty_head_gives_zero_not_nan() -> None:
+    rows = [RowSpec(kept_len=[0, 5], dense_len=0), RowSpec(kept_len=[0, 0], dense_len=0)]
+    batch = make_ragged_batch(rows, num_kv_heads=2, group=2, head_size=16, dtype=torch.float32, seed=4)
+    out = ragged_decode_attention_ref(*batch.args())
+    assert not torch.isnan(out).any()
+    assert torch.all(out[0, :2] == 0) and torch.all(out[1] == 0)
+    torch.testing.assert_close(out.double(), brute_force_decode_attention(batch))
+    assert out[0, 2:].abs().sum() > 0
+
+
+def test_multi_query_reference_is_causal_over_dense_tail() -> None:
+    """Several query tokens per row: token i sees all ragged keys and dense keys up to its position."""
+    rows = [RowSpec(kept_len=[7, 0, 33], dense_len=5), RowSpec(kept_len=[0, 0, 0], dense_len=9)]
+    num_kv_heads, group, head_size = 3, 2, 32
+    batch = make_ragged_batch(rows, num_kv_heads=num_kv_heads, group=group, head_size=head_size, dtype=torch.float32, seed=5)
+    q_lens = [3, 4]
+    query_start_loc = torch.tensor([0, 3, 7], dtype=torch.int32)
+    query = torch.randn(7, num_kv_heads * group, head_size, generator=torch.Generator().manual_seed(6))
+    out = ragged_attention_ref(
+        query, query_start_loc, batch.kv_cache, batch.block_table, batch.seq_lens, batch.dense_start,
+        batch.kept_len, batch.page_start, batch.scale,
+    )
+    for row, q_len in enumerate(q_lens):
+        seq_len = int(batch.seq_lens[row])
+        for head in range(num_kv_heads):
+            keys, values = brute_force_head_kv(batch, row, head)
+            kept = int(batch.kept_len[row, head])
+            for i in range(q_len):
+                # dense keys up to logical position seq_len - q_len + i are visible
+                visible = kept + (seq_len - q_len + i) - int(batch.dense_start[row]) + 1
+                for q_head in range(head * group, (head + 1) * group):
+                    q = query[int(query_start_loc[row]) + i, q_head].double()
+                    weights = torch.softmax((keys[:visible].double() @ q) * batch.scale, dim=0)
+                    expected = weights @ values[:visible].double()
+                    torch.testing.assert_close(out[int(query_start_loc[row]) + i, q_head].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_uses_reference_on_cpu() -> None:
+    batch = make_ragged_batch(MIXED_ROWS[:2], num_kv_heads=4, group=1, head_size=16, dtype=torch.float32, seed=7)
+    out = torch.full_like(batch.query, float("nan"))
+    result = ragged_decode_attention(*batch.args(), out=out)
+    assert result is out
+    torch.testing.assert_close(out, ragged_decode_attention_ref(*batch.args()), atol=0, rtol=0)
+
+
+def test_compact_reference_overlapping_shift() -> None:
+    """Compaction that shifts rows toward the front over themselves (the in-place case)."""
+    kv_cache = torch.randn(2, 2, 16, 8)
+    before = kv_cache.clone().view(-1, 8)
+    src = torch.tensor([3, 4, 5, 6, 7, 20, 21], dtype=torch.int64)
+    dst = torch.tensor([0, 1, 2, 3, 4, 5, 6], dtype=torch.int64)
+    compact_kv_ref(kv_cache, src, dst)
+    after = kv_cache.view(-1, 8)
+    expected = before.clone()
+    expected[dst] = before[src]
+    assert torch.equal(after, expected)
+    # and the public entry point dispatches to it on CPU
+    kv_cache2 = before.clone().view(2, 2, 16, 8)
+    compact_kv(kv_cache2, src, dst)
+    assert torch.equal(kv_cache2.view(-1, 8), expected)

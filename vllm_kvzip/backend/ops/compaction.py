@@ -1,0 +1,96 @@
+"""Triton in-place KV compaction: move token rows ``src_slots[i] -> dst_slots[i]``.
+
+The cache is viewed as flat token rows ``kv_cache.view(-1, 2 * head_size)``
+(a row is ``[K | V]`` of one token; the slot of ``(block, head slot, offset)``
+is ``(block * H + slot) * block_size + offset``, see ``reference.py``).  The
+block manager decides which rows move where; this module only moves them.
+
+Sources and destinations may overlap (compaction moves kept tokens towards
+the front of the pages they already occupy), so the move is two launches:
+gather every source row into a scratch buffer, then scatter the scratch rows
+to their destinations.  Within one launch no program reads what another
+writes, so no ordering between programs is needed.  ``dst_slots`` must not
+repeat.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Rows per program: 16 rows of 256 bf16 = 8 KiB per program, plenty of
+# independent 16-byte loads per thread and still many programs for small N.
+ROWS_PER_PROGRAM = 16
+
+
+@triton.jit
+def _copy_rows_kernel(
+    src_ptr,
+    dst_ptr,
+    src_index_ptr,
+    dst_index_ptr,
+    num_rows,
+    ROW_WIDTH: tl.constexpr,
+    BLOCK_WIDTH: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
+    GATHER: tl.constexpr,
+):
+    """``dst[dst_row(i)] = src[src_row(i)]`` for i in this program's rows.
+
+    GATHER: src rows are ``src_index[i]``, dst rows are ``i`` (scratch).
+    Otherwise (scatter): src rows are ``i`` (scratch), dst rows are ``dst_index[i]``.
+    """
+    row_ids = tl.program_id(0) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
+    row_mask = row_ids < num_rows
+    if GATHER:
+        src_rows = tl.load(src_index_ptr + row_ids, mask=row_mask, other=0).to(tl.int64)
+        dst_rows = row_ids.to(tl.int64)
+    else:
+        src_rows = row_ids.to(tl.int64)
+        dst_rows = tl.load(dst_index_ptr + row_ids, mask=row_mask, other=0).to(tl.int64)
+    columns = tl.arange(0, BLOCK_WIDTH)
+    mask = row_mask[:, None] & (columns[None, :] < ROW_WIDTH)
+    values = tl.load(src_ptr + src_rows[:, None] * ROW_WIDTH + columns[None, :], mask=mask)
+    tl.store(dst_ptr + dst_rows[:, None] * ROW_WIDTH + columns[None, :], values, mask=mask)
+
+
+def compact_kv(
+    kv_cache: torch.Tensor,
+    src_slots: torch.Tensor,
+    dst_slots: torch.Tensor,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Move flat token rows ``src_slots[i] -> dst_slots[i]`` of ``kv_cache`` in place (Triton).
+
+    ``src_slots`` / ``dst_slots``: int64 (int32 accepted) ``[N]`` on the cache's
+    device.  ``scratch``: optional ``[>= N, 2 * head_size]`` buffer of the
+    cache dtype (pass a preallocated one to avoid an allocation per call).
+    Same semantics as ``reference.compact_kv_ref``.  Returns ``kv_cache``.
+    """
+    if kv_cache.dim() != 4 or not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be a contiguous [num_blocks, H, block_size, 2*head_size] tensor")
+    if src_slots.shape != dst_slots.shape or src_slots.dim() != 1:
+        raise ValueError(f"src_slots {tuple(src_slots.shape)} and dst_slots {tuple(dst_slots.shape)} must be equal 1-D shapes")
+    num_moves = src_slots.shape[0]
+    if num_moves == 0:
+        return kv_cache
+    row_width = kv_cache.shape[-1]
+    kv_rows = kv_cache.view(-1, row_width)
+    if scratch is None:
+        scratch = torch.empty((num_moves, row_width), dtype=kv_cache.dtype, device=kv_cache.device)
+    elif scratch.shape[0] < num_moves or scratch.shape[1] != row_width or scratch.dtype != kv_cache.dtype or not scratch.is_contiguous():
+        raise ValueError(f"scratch must be a contiguous [>= {num_moves}, {row_width}] {kv_cache.dtype} tensor")
+    src_slots = src_slots.contiguous()
+    dst_slots = dst_slots.contiguous()
+    grid = (triton.cdiv(num_moves, ROWS_PER_PROGRAM),)
+    meta = dict(
+        ROW_WIDTH=row_width,
+        BLOCK_WIDTH=triton.next_power_of_2(row_width),
+        ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
+        num_warps=4,
+    )
+    # Launch 1 reads every source before launch 2 writes any destination.
+    _copy_rows_kernel[grid](kv_rows, scratch, src_slots, dst_slots, num_moves, GATHER=True, **meta)
+    _copy_rows_kernel[grid](scratch, kv_rows, src_slots, dst_slots, num_moves, GATHER=False, **meta)
+    return kv_cache

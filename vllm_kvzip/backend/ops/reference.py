@@ -1,0 +1,261 @@
+"""Plain-torch reference implementations of the ragged-KV kernels.
+
+These functions are the ground truth the Triton kernels are tested against,
+and they are also the production implementation on the CPU platform, so they
+are vectorised over heads and tokens (Python loops only run over request rows
+and over chunks of a few thousand tokens).
+
+KV cache layout (one tensor per attention layer, "HND")
+-------------------------------------------------------
+``kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size]``, contiguous.
+``kv_cache[b, s, t]`` is the row ``[K | V]`` of one token.  A *head page* is a
+``(block b, head slot s)`` pair: ``block_size`` consecutive rows.  With
+``H = num_kv_heads`` and ``bs = block_size``, the flat token-slot index of
+``(block, slot, offset)`` is ``(block * H + slot) * bs + offset`` into
+``kv_cache.view(-1, 2 * head_size)``.
+
+Per request row ``r`` (all int32):
+
+* ``block_table[r, j]``: physical block id of the row's logical block ``j``.
+* ``seq_lens[r]``: logical length, including the current decode token(s).
+* ``dense_start[r]`` (a multiple of ``bs``): the *dense* region holds logical
+  positions ``[dense_start, seq_len)``; position ``p`` of KV head ``h`` is at
+  block ``block_table[r, p // bs]``, slot ``h``, offset ``p % bs`` (vLLM's
+  normal layout).
+* ``kept_len[r, h]`` / ``page_start[r, h]``: the *ragged* region of KV head
+  ``h`` keeps ``kept_len`` tokens; its ``j``-th token lives in linear page
+  ``P = page_start + j // bs`` at offset ``j % bs``, and linear page ``P`` is
+  block ``block_table[r, P // H]``, slot ``P % H``.
+
+The keys attended by KV head ``h`` form its *virtual sequence*: the ragged
+tokens ``j = 0 .. kept_len - 1`` followed by the dense tokens.  Keys already
+carry RoPE, so attention needs no positions except for causal masking among
+several query tokens of one row (the query tokens are the last dense tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Virtual positions gathered per step of the chunked softmax: bounds the fp32
+# temporaries to about H * CHUNK * 2 * head_size * 4 bytes (8 MiB for 8 heads
+# of 128), whatever the context length.
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def flat_kv_rows(kv_cache: torch.Tensor) -> torch.Tensor:
+    """View of the cache as ``[num_blocks * H * bs, 2 * head_size]`` token rows."""
+    if kv_cache.dim() != 4:
+        raise ValueError(f"kv_cache must be [num_blocks, num_kv_heads, block_size, 2*head_size], got {tuple(kv_cache.shape)}")
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous (HND layout)")
+    return kv_cache.view(-1, kv_cache.shape[-1])
+
+
+def virtual_token_slots(
+    block_table_row: torch.Tensor,
+    seq_len: int,
+    dense_start: int,
+    kept_len_row: torch.Tensor,
+    page_start_row: torch.Tensor,
+    num_kv_heads: int,
+    block_size: int,
+    start: int,
+    length: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat slot indices of virtual positions ``[start, start + length)`` of every KV head of one row.
+
+    Returns ``(slots [H, length] int64, valid [H, length] bool,
+    logical_pos [H, length] int64)``.  ``logical_pos`` is the logical position of
+    dense tokens and -1 for ragged ones (they precede every query token, so
+    they are always visible).  Invalid entries (past the head's virtual
+    length) hold slot 0 and must be masked by the caller.
+    """
+    device = block_table_row.device
+    heads = torch.arange(num_kv_heads, device=device, dtype=torch.int64)[:, None]
+    virtual_pos = torch.arange(start, start + length, device=device, dtype=torch.int64)[None, :]
+    kept = kept_len_row.to(device=device, dtype=torch.int64)[:, None]
+    first_page = page_start_row.to(device=device, dtype=torch.int64)[:, None]
+    dense_len = max(seq_len - dense_start, 0)
+
+    is_ragged = virtual_pos < kept
+    valid = virtual_pos < kept + dense_len
+
+    # Ragged token j = virtual_pos: linear page, then (block, slot) of the page.
+    linear_page = first_page + virtual_pos // block_size
+    ragged_table_index = linear_page // num_kv_heads
+    ragged_slot = linear_page % num_kv_heads
+    ragged_offset = virtual_pos % block_size
+
+    # Dense token: logical position p, vLLM's own paging for head h.
+    logical_pos = dense_start + (virtual_pos - kept)
+    dense_table_index = logical_pos // block_size
+    dense_offset = logical_pos % block_size
+
+    table_index = torch.where(is_ragged, ragged_table_index, dense_table_index)
+    table_index = torch.where(valid, table_index, torch.zeros_like(table_index))
+    table_index = table_index.clamp_(0, block_table_row.shape[0] - 1)
+    block = block_table_row.to(torch.int64)[table_index]
+    head_slot = torch.where(is_ragged, ragged_slot, heads.expand_as(ragged_slot))
+    offset = torch.where(is_ragged, ragged_offset, dense_offset)
+
+    slots = (block * num_kv_heads + head_slot) * block_size + offset
+    slots = torch.where(valid, slots, torch.zeros_like(slots))
+    logical_pos = torch.where(is_ragged, torch.full_like(logical_pos, -1), logical_pos)
+    return slots, valid, logical_pos
+
+
+def gather_head_kv(
+    kv_cache: torch.Tensor,
+    block_table_row: torch.Tensor,
+    seq_len: int,
+    dense_start: int,
+    kept_len_row: torch.Tensor,
+    page_start_row: torch.Tensor,
+    head: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of one KV head of one row, in virtual order, as dense tensors.
+
+    Returns ``(keys [n, head_size], values [n, head_size])`` with
+    ``n = kept_len[head] + seq_len - dense_start``, in the cache dtype.
+    """
+    num_kv_heads, block_size, head_size = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3] // 2
+    length = int(kept_len_row[head]) + max(int(seq_len) - int(dense_start), 0)
+    slots, _, _ = virtual_token_slots(
+        block_table_row, int(seq_len), int(dense_start), kept_len_row, page_start_row,
+        num_kv_heads, block_size, 0, length,
+    )
+    rows = flat_kv_rows(kv_cache)[slots[head]]
+    return rows[:, :head_size], rows[:, head_size:]
+
+
+def ragged_attention_ref(
+    query: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    dense_start: torch.Tensor,
+    kept_len: torch.Tensor,
+    page_start: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """Attention of several query tokens per row over ragged pages + dense tail.
+
+    ``query: [num_tokens, num_q_heads, head_size]``; the query tokens of row
+    ``r`` are ``query[query_start_loc[r] : query_start_loc[r + 1]]`` and sit at
+    the last logical positions ``seq_len - q_len .. seq_len - 1`` (their K/V is
+    already in the dense region).  Query token ``i`` sees every ragged token
+    and the dense tokens at logical positions ``<= seq_len - q_len + i``.
+    Softmax in fp32; a query that sees no key gets a zero output.
+    Returns ``out [num_tokens, num_q_heads, head_size]`` in the query dtype.
+    """
+    num_tokens, num_q_heads, head_size = query.shape
+    num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    if kv_cache.shape[3] != 2 * head_size:
+        raise ValueError(f"kv_cache last dim {kv_cache.shape[3]} != 2 * head_size {2 * head_size}")
+    if num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    group = num_q_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(query)
+    kv_rows = flat_kv_rows(kv_cache)
+
+    # One host copy of the small per-row metadata (this is the CPU path).
+    starts = query_start_loc.tolist()
+    seq_lens_host = seq_lens.tolist()
+    dense_start_host = dense_start.tolist()
+    max_kept_host = kept_len.max(dim=1).values.tolist() if kept_len.numel() else [0] * len(seq_lens_host)
+
+    for row in range(len(seq_lens_host)):
+        first_token, end_token = starts[row], starts[row + 1]
+        q_len = end_token - first_token
+        if q_len == 0:
+            continue
+        seq_len, row_dense_start = int(seq_lens_host[row]), int(dense_start_host[row])
+        dense_len = max(seq_len - row_dense_start, 0)
+        virtual_len = int(max_kept_host[row]) + dense_len
+
+        # [H, G, q_len, D] in fp32
+        q = query[first_token:end_token].float().view(q_len, num_kv_heads, group, head_size).permute(1, 2, 0, 3)
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
+        running_max = torch.full((num_kv_heads, group, q_len), float("-inf"), device=query.device)
+        running_sum = torch.zeros((num_kv_heads, group, q_len), device=query.device)
+        acc = torch.zeros((num_kv_heads, group, q_len, head_size), device=query.device)
+
+        for chunk_start in range(0, virtual_len, chunk_tokens):
+            chunk_len = min(chunk_tokens, virtual_len - chunk_start)
+            slots, valid, logical_pos = virtual_token_slots(
+                block_table[row], seq_len, row_dense_start, kept_len[row], page_start[row],
+                num_kv_heads, block_size, chunk_start, chunk_len,
+            )
+            rows = kv_rows[slots].float()  # [H, C, 2D]
+            # Zero what lies outside the head's sequence: padding slots may hold
+            # garbage (even NaN) that would leak through 0 * NaN.
+            rows = torch.where(valid[..., None], rows, torch.zeros((), device=rows.device))
+            keys, values = rows[..., :head_size], rows[..., head_size:]
+            scores = torch.einsum("hgqd,hcd->hgqc", q, keys) * scale
+            visible = valid[:, None, None, :] & (logical_pos[:, None, None, :] <= query_pos[None, None, :, None])
+            scores = scores.masked_fill(~visible, float("-inf"))
+
+            chunk_max = scores.amax(dim=-1)
+            new_max = torch.maximum(running_max, chunk_max)
+            # A query that has seen no key yet keeps max -inf: shift by 0 instead
+            # so that exp() gives 0, not NaN.
+            safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+            probs = torch.exp(scores - safe_max[..., None])
+            correction = torch.exp(running_max - safe_max)
+            running_sum = running_sum * correction + probs.sum(dim=-1)
+            acc = acc * correction[..., None] + torch.einsum("hgqc,hcd->hgqd", probs, values)
+            running_max = new_max
+
+        denom = torch.where(running_sum > 0, running_sum, torch.ones_like(running_sum))
+        result = acc / denom[..., None]  # [H, G, q_len, D]
+        out[first_token:end_token] = result.permute(2, 0, 1, 3).reshape(q_len, num_q_heads, head_size).to(out.dtype)
+    return out
+
+
+def ragged_decode_attention_ref(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    dense_start: torch.Tensor,
+    kept_len: torch.Tensor,
+    page_start: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention (one query token per row) over ragged pages + dense tail.
+
+    ``query: [num_rows, num_q_heads, head_size]``; query head ``qh`` uses KV
+    head ``qh // (num_q_heads // num_kv_heads)``.  Every key is visible.  fp32
+    accumulation; a head with no key at all (0 kept, empty dense region) gets
+    a zero output.  Returns ``out`` (allocated when None) in the query dtype.
+    """
+    num_rows = query.shape[0]
+    query_start_loc = torch.arange(num_rows + 1, device=query.device, dtype=torch.int32)
+    return ragged_attention_ref(
+        query, query_start_loc, kv_cache, block_table, seq_lens, dense_start, kept_len, page_start, scale, out
+    )
+
+
+def compact_kv_ref(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> torch.Tensor:
+    """Move token rows ``src_slots[i] -> dst_slots[i]`` of the flat cache, in place.
+
+    Every source is read before any destination is written (gather, then
+    scatter), so sources and destinations may overlap, as in an in-place
+    compaction.  ``dst_slots`` must not repeat (a repeated destination gets
+    an unspecified one of its sources).  Rows not named in ``dst_slots`` are
+    left unchanged.  Returns ``kv_cache``.
+    """
+    if src_slots.shape != dst_slots.shape or src_slots.dim() != 1:
+        raise ValueError(f"src_slots {tuple(src_slots.shape)} and dst_slots {tuple(dst_slots.shape)} must be equal 1-D shapes")
+    kv_rows = flat_kv_rows(kv_cache)
+    if src_slots.numel() == 0:
+        return kv_cache
+    moved = kv_rows.index_select(0, src_slots.to(device=kv_rows.device, dtype=torch.int64))
+    kv_rows.index_copy_(0, dst_slots.to(device=kv_rows.device, dtype=torch.int64), moved)
+    return kv_cache

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler_harness import build_scheduler, free_blocks, kvzip_manager, make_request, step
+from tests.scheduler_harness import build_scheduler, free_blocks, kvzip_manager, make_request, step
 from vllm_kvzip.block_manager.geometry import CompressionGeometry, cdiv
 
 BLOCK = 16

@@ -1,0 +1,133 @@
+"""Worker-side state of vllm-kvzip: which request is compressed, and where its pages are.
+
+One `WorkerCompressionState` lives in each worker process (created when the
+attention backend's metadata builder is built).  It keeps
+
+* per-request bookkeeping (`RequestEntry`): the token count at which the
+  request is compressed, its keep ratio, its slot;
+* a `RaggedPageTable`: persistent device tensors indexed by slot, which the
+  decode kernels read through a per-step row -> slot map.  Slot 0 is the
+  "dense" slot (no ragged part) used by every request that is not compressed;
+* the current step's batch (request ids in row order), stashed by the
+  model-runner hooks in `vllm_kvzip.adapter.runner_hooks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_kvzip.config import KVCompressionConfig, request_keep_ratio
+
+DENSE_SLOT = 0
+
+
+class RaggedPageTable:
+    """Per-slot page metadata in persistent tensors (fixed addresses: CUDA-graph safe)."""
+
+    def __init__(self, num_slots: int, num_layers: int, num_kv_heads: int, device: torch.device) -> None:
+        self.num_slots = num_slots
+        self.kept_len = torch.zeros(num_slots, num_layers, num_kv_heads, dtype=torch.int32, device=device)
+        self.page_start = torch.zeros(num_slots, num_layers, num_kv_heads, dtype=torch.int32, device=device)
+        self.dense_start = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self._free = list(range(num_slots - 1, DENSE_SLOT, -1))
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int:
+        if not self._free:
+            raise RuntimeError("vllm-kvzip: no free compressed-request slot (more running requests than max_num_seqs)")
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        if slot == DENSE_SLOT or slot in self._free:
+            raise RuntimeError(f"vllm-kvzip: slot {slot} released twice")
+        # Reset so a stale slot can never be read as a compressed layout.
+        self.kept_len[slot].zero_()
+        self.page_start[slot].zero_()
+        self.dense_start[slot] = 0
+        self._free.append(slot)
+
+
+@dataclass
+class RequestEntry:
+    request_id: str
+    keep_ratio: float | None  # None: the request stays dense
+    slot: int = DENSE_SLOT
+    compressed: bool = False  # the prefill completed and compression (or the decision not to) is done
+    kept_tokens: int = 0  # kept evictable tokens summed over layers and heads
+    evictable_tokens: int = 0  # per (layer, head)
+    dense_start: int = 0
+
+
+@dataclass
+class StepBatch:
+    """The batch of the step being executed (rows in attention order)."""
+
+    request_ids: list[str] = field(default_factory=list)
+    # Requests whose prefill completes in this step -> their token count.
+    completing: dict[str, int] = field(default_factory=dict)
+
+
+class WorkerCompressionState:
+    def __init__(
+        self,
+        config: KVCompressionConfig,
+        layer_names: list[str],
+        num_kv_heads: int,
+        head_size: int,
+        block_size: int,
+        max_num_seqs: int,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.layer_names = list(layer_names)
+        self.layer_index = {name: index for index, name in enumerate(self.layer_names)}
+        self.num_layers = len(self.layer_names)
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.block_size = block_size
+        self.device = device
+        self.table = RaggedPageTable(max_num_seqs + 1, self.num_layers, num_kv_heads, device)
+        self.requests: dict[str, RequestEntry] = {}
+        self.step = StepBatch()
+        # Requests whose compaction is due (prefill done, not yet compacted).
+        self.pending: dict[str, int] = {}
+        # Score buffers filled during the forward pass (KVzap), by layer name.
+        self.score_caches: dict[str, torch.Tensor] = {}
+        self.total_compressed = 0
+        self.total_kept_tokens = 0
+        self.total_evictable_tokens = 0
+
+    # -- request lifecycle -------------------------------------------------------------
+    def add_request(self, request_id: str, extra_args: dict | None) -> RequestEntry:
+        self.drop_request(request_id)
+        entry = RequestEntry(request_id=request_id, keep_ratio=request_keep_ratio(self.config, extra_args))
+        self.requests[request_id] = entry
+        return entry
+
+    def drop_request(self, request_id: str) -> None:
+        """Finished, aborted or preempted: forget the request (its blocks go back to vLLM)."""
+        self.pending.pop(request_id, None)
+        entry = self.requests.pop(request_id, None)
+        if entry is not None and entry.slot != DENSE_SLOT:
+            self.table.release(entry.slot)
+
+    def slot_of(self, request_id: str) -> int:
+        entry = self.requests.get(request_id)
+        return DENSE_SLOT if entry is None else entry.slot
+
+
+_STATE: WorkerCompressionState | None = None
+
+
+def get_state() -> WorkerCompressionState | None:
+    return _STATE
+
+
+def set_state(state: WorkerCompressionState | None) -> None:
+    global _STATE
+    _STATE = state

@@ -128,7 +128,9 @@ def _ragged_attention(module: nn.Module, query: Tensor, key: "RaggedLayer", valu
                 torch.einsum("gqd,nd->gqn", grouped[head], layer.tail_keys[head]).masked_fill(~tail_visible, float("-inf")),
             ],
             dim=-1,
-        ).float() * scaling
+        )
+        # Softmax in at least float32 (bf16/fp16 models), float64 stays float64.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scaling
         probs = logits.softmax(dim=-1).to(kept_values.dtype)
         num_kept = kept_keys.shape[0]
         output[head] = probs[..., :num_kept] @ kept_values + probs[..., num_kept:] @ layer.tail_values[head]
@@ -587,8 +589,10 @@ class KVzipModel:
 
 
 def _prefill_steps(total: int, step_size: int, min_last: int) -> list[tuple[int, int]]:
-    """Prefill steps of step_size tokens; a too-short last step is merged into the previous one."""
+    """Prefill steps of step_size tokens, except that the last one has at least min_last tokens."""
     steps = chunk_spans(total, step_size)
     if len(steps) > 1 and steps[-1][1] - steps[-1][0] < min_last:
-        steps[-2:] = [(steps[-2][0], total)]
+        last_start = max(0, total - min_last)
+        steps = [(start, min(end, last_start)) for start, end in steps[:-1] if start < last_start]
+        steps.append((last_start, total))
     return steps

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"]
 # ChatML, with Qwen3's empty think block when thinking is disabled.
@@ -50,6 +58,8 @@ def tiny_model(architecture: str, vocab_size: int, *, layers: int = 2, dtype: to
     torch.manual_seed(seed)
     if architecture == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif architecture == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))  # q/k/v biases
     elif architecture == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**common, use_sliding_window=False))
         # Non-trivial q_norm / k_norm weights, so that skipping them would show.

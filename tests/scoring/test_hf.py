@@ -20,7 +20,7 @@ from vllm_kvzip.scoring.hf import KVzipModel, attention_implementation
 from vllm_kvzip.scoring.kvzap_model import KVzapSurrogate, ModelShape
 from vllm_kvzip.scoring.reconstruction import FIRST_CHUNK_PROMPT, LATER_CHUNK_PROMPT, chunk_spans
 
-ARCHITECTURES = ["llama", "qwen3"]
+ARCHITECTURES = ["llama", "qwen2", "qwen3"]
 CONTEXT = "The quick brown fox jumps over the lazy dog near 42 river banks."  # 64 byte-tokens
 
 

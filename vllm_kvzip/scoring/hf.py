@@ -545,8 +545,13 @@ class KVzipModel:
         *,
         update_cache: bool = False,
         max_new_tokens: int = 64,
+        stop_strings: Sequence[str] = (),
     ) -> list[int]:
-        """Greedy decoding of query_ids after the cached context; returns the new token ids."""
+        """Greedy decoding of query_ids after the cached context; returns the new token ids.
+
+        Stops at an end-of-turn token, after max_new_tokens, or once the decoded
+        answer contains one of `stop_strings`.
+        """
         tail_before = kv.cache.tail_length
         input_ids = list(kv.pending_ids) + list(query_ids)
         fed: list[int] = []
@@ -565,6 +570,8 @@ class KVzipModel:
                 generated.append(token)
                 if token in stops:
                     break
+                if stop_strings and any(stop in self.tokenizer.decode(generated) for stop in stop_strings):
+                    break
                 input_ids = [token]
         if update_cache:
             kv.token_ids.extend(fed)
@@ -581,10 +588,16 @@ class KVzipModel:
         update_cache: bool = False,
         max_new_tokens: int = 64,
         answer_prefix: str = "",
+        stop_strings: Sequence[str] = (),
     ) -> str:
-        """Answer `query` from the (pruned) cache.  update_cache=False drops the query/answer KV afterwards."""
+        """Answer `query` from the (pruned) cache.  update_cache=False drops the query/answer KV afterwards.
+
+        `answer_prefix` starts the assistant's turn (e.g. "The number is"), as RULER does.
+        """
         query_ids = self.encode(self.template.query_text(query, answer_prefix))
-        generated = self.generate_ids(query_ids, kv, update_cache=update_cache, max_new_tokens=max_new_tokens)
+        generated = self.generate_ids(
+            query_ids, kv, update_cache=update_cache, max_new_tokens=max_new_tokens, stop_strings=stop_strings
+        )
         return self.tokenizer.decode(generated, skip_special_tokens=True)
 
 

@@ -1,0 +1,95 @@
+"""Policies keep exactly the intended counts, always keep sinks and window, and keep the best scores."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_kvzip.scoring.policies import ADAKV_SAFEGUARD, keep_by_ratio, keep_by_threshold, protected_mask
+
+
+@st.composite
+def problems(draw):
+    layers, heads, tokens = draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 60))
+    seed = draw(st.integers(0, 2**16))
+    # Few distinct values to exercise ties.
+    scores = torch.randint(0, draw(st.sampled_from([3, 1000])), (layers, heads, tokens), generator=torch.Generator().manual_seed(seed)).float()
+    return scores, draw(st.floats(0.0, 1.0)), draw(st.integers(0, 8)), draw(st.integers(0, 30))
+
+
+def floor(value: float) -> int:
+    return int(value + 1e-9)
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), st.sampled_from(["global", "layer", "head", "adakv"]))
+def test_ratio_policies_keep_exact_counts_and_protected(problem, policy):
+    scores, ratio, sinks, window = problem
+    layers, heads, tokens = scores.shape
+    keep = keep_by_ratio(scores, ratio, policy, sink_tokens=sinks, window=window)
+    protected = protected_mask(tokens, sinks, window)
+    evictable_count = int((~protected).sum())
+    assert keep.mask.dtype == torch.bool and keep.mask.shape == scores.shape
+    assert keep.mask[..., protected].all(), "sinks and window must always be kept"
+    torch.testing.assert_close(keep.kept_counts, keep.mask.sum(-1))
+    kept_evictable = keep.mask[..., ~protected]  # [L, H, E]
+    if policy == "global":
+        assert int(kept_evictable.sum()) == floor(ratio * layers * heads * evictable_count)
+        groups = [(scores[..., ~protected].reshape(-1), kept_evictable.reshape(-1))]
+    elif policy == "head":
+        assert (kept_evictable.sum(-1) == floor(ratio * evictable_count)).all()
+        groups = [(scores[l, h, ~protected], kept_evictable[l, h]) for l in range(layers) for h in range(heads)]
+    else:
+        assert (kept_evictable.sum(dim=(1, 2)) == floor(ratio * heads * evictable_count)).all()
+        groups = [(scores[l][:, ~protected].reshape(-1), kept_evictable[l].reshape(-1)) for l in range(layers)]
+    if policy == "adakv":
+        safe = floor(ADAKV_SAFEGUARD * ratio * evictable_count)
+        assert (kept_evictable.sum(-1) >= safe).all()
+        for l in range(layers):
+            for h in range(heads):
+                # Each head's own top `safe` tokens are kept.
+                order = torch.sort(-scores[l, h, ~protected], stable=True).indices[:safe]
+                assert kept_evictable[l, h, order].all()
+    else:
+        for values, kept in groups:
+            if kept.any() and (~kept).any():
+                assert values[kept].min() >= values[~kept].max(), "a lower score was kept over a higher one"
+
+
+@settings(max_examples=100, deadline=None)
+@given(problems(), st.floats(-2.0, 1200.0))
+def test_threshold_keeps_scores_at_or_above_tau(problem, threshold):
+    scores, _, sinks, window = problem
+    keep = keep_by_threshold(scores, threshold, sink_tokens=sinks, window=window)
+    protected = protected_mask(scores.shape[-1], sinks, window)
+    expected = (scores >= threshold) | protected
+    assert torch.equal(keep.mask, expected)
+    assert torch.equal(keep.kept_counts, expected.sum(-1))
+
+
+def test_ratio_one_keeps_everything_and_zero_keeps_only_protected():
+    scores = torch.randn(3, 2, 40)
+    for policy in ("global", "layer", "head", "adakv"):
+        assert keep_by_ratio(scores, 1.0, policy, sink_tokens=4, window=8).mask.all()
+        zero = keep_by_ratio(scores, 0.0, policy, sink_tokens=4, window=8)
+        assert torch.equal(zero.mask, protected_mask(40, 4, 8).expand(3, 2, 40))
+
+
+def test_global_policy_gives_non_uniform_budgets():
+    scores = torch.zeros(2, 2, 20)
+    scores[1, 0] = 10.0  # one head holds all the important tokens
+    keep = keep_by_ratio(scores, 0.25, "global", sink_tokens=0, window=0)
+    assert keep.kept_counts.tolist() == [[0, 0], [20, 0]]
+    layer = keep_by_ratio(scores, 0.25, "layer", sink_tokens=0, window=0)
+    assert layer.kept_counts.tolist() == [[10, 0], [10, 0]]
+    # AdaKV: every head first keeps floor(0.2 * 0.25 * 20) = 1 token.
+    adakv = keep_by_ratio(scores, 0.25, "adakv", sink_tokens=0, window=0)
+    assert adakv.kept_counts.tolist() == [[9, 1], [9, 1]]
+
+
+def test_policies_run_on_the_device_of_the_scores():
+    scores = torch.randn(2, 2, 16, dtype=torch.bfloat16)
+    keep = keep_by_ratio(scores, 0.5, "head", sink_tokens=2, window=2)
+    assert keep.mask.device == scores.device
+    assert (keep.kept_counts == 2 + 2 + 6).all()

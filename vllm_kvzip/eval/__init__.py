@@ -1,0 +1,1 @@
+"""Evaluation data shared by the project: seeded synthetic long-context tasks (`synthetic`) and text generators (`textgen`)."""

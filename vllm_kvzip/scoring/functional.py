@@ -1,0 +1,167 @@
+"""Pure tensor functions behind every scorer (no transformers, no vLLM).
+
+The vLLM worker calls these with tensors it gathers from its own paged cache;
+the transformers path (`vllm_kvzip.scoring.hf`) calls the same functions with
+tensors captured from a Hugging Face forward pass, so both paths compute the
+same numbers.
+
+Shapes use H = KV heads, G = query heads per KV head (GQA group), d = head
+dim, D = hidden size.  Queries are grouped as `[H, G, q, d]`: query head
+`h * G + g` reads KV head `h`, as transformers' `repeat_kv` does.  Every
+function takes POST-RoPE queries and keys (and, for Qwen3, post q_norm /
+k_norm), i.e. exactly what the attention kernel sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class KVzipPlusTerms:
+    """The extra inputs KVzip+ needs (KVzap paper, Eq. 3).
+
+    values_chunk: [H, m, d] values of the scored chunk tokens.
+    o_proj_weight: [D, H*G*d] the attention output projection (nn.Linear layout).
+    hidden_norms: [q] L2 norm of the attention input (after input_layernorm) of every
+        repeat-input token, i.e. of every query row.
+    """
+
+    values_chunk: Tensor
+    o_proj_weight: Tensor
+    hidden_norms: Tensor
+
+
+def output_value_norms(values: Tensor, o_proj_weight: Tensor, group_size: int) -> Tensor:
+    """||W_O^(query head) v_i||_2 for every query head and value: [H, n, d] -> [H, G, n].
+
+    W_O^(qh) is the slice of the output projection that multiplies the attention
+    output of query head qh.  ||W v||^2 = v^T (W^T W) v, so we build the d x d Gram
+    matrix per query head instead of the D x n product: O(G d^2 + G n d^2) memory
+    O(G d^2) rather than O(G n D).
+    """
+    num_kv_heads, _, head_dim = values.shape
+    hidden_size = o_proj_weight.shape[0]
+    weight = o_proj_weight.float().view(hidden_size, num_kv_heads, group_size, head_dim)
+    gram = torch.einsum("Dhgi,Dhgj->hgij", weight, weight)  # [H, G, d, d]
+    values32 = values.float()
+    squared = torch.einsum("hni,hgij,hnj->hgn", values32, gram, values32)
+    return squared.clamp_min(0.0).sqrt()
+
+
+def kvzip_chunk_scores(
+    queries: Tensor,
+    keys_sink: Tensor,
+    keys_chunk: Tensor,
+    keys_repeat: Tensor,
+    *,
+    scaling: float,
+    plus: KVzipPlusTerms | None = None,
+    score_rows: tuple[int, int] | None = None,
+) -> Tensor:
+    """KVzip reconstruction scores of one context chunk: [H, m] (float32).
+
+    queries: [H, G, q, d] queries of the repeat input (instruction, overlap tokens,
+        chat postfix, then the chunk itself), positioned after the whole context.
+    keys_sink: [H, s, d] keys always inside the softmax (the system prompt).
+    keys_chunk: [H, m, d] keys of the chunk being scored.
+    keys_repeat: [H, q, d] keys of the repeat input itself (causal block).
+
+    As in snu-mllab/KVzip (attention/score.py) the softmax is normalised over
+    [sink | chunk | repeat (causal)] only, the chunk's columns are kept and the
+    score is the max over all q repeat queries and the G query heads of the group.
+    With `plus`, each weight a_ji is multiplied by ||W_O^(qh) v_i|| and divided
+    by ||h_j|| before the max (KVzip+).  `score_rows=(start, end)` limits the max
+    to those repeat rows (kvpress's KVzap targets use only the repeated prompt).
+
+    Deviation: the reference takes the softmax in the model dtype (bf16); we
+    take it in float32 so that the oracle does not depend on the dtype.
+    Memory is O(G q (s + m + q)) per KV head: chunk x chunk, never context^2,
+    because the loop below runs one KV head at a time.
+    """
+    num_kv_heads, group_size, num_queries, _ = queries.shape
+    num_sink, num_chunk = keys_sink.shape[1], keys_chunk.shape[1]
+    if keys_repeat.shape[1] != num_queries:
+        raise ValueError(f"keys_repeat has {keys_repeat.shape[1]} tokens but there are {num_queries} repeat queries")
+    rows = slice(*score_rows) if score_rows is not None else slice(0, num_queries)
+    # Repeat query j sees repeat key i only if i <= j.
+    causal = torch.ones(num_queries, num_queries, dtype=torch.bool, device=queries.device).tril()
+    value_norms = None
+    if plus is not None:
+        value_norms = output_value_norms(plus.values_chunk, plus.o_proj_weight, group_size)  # [H, G, m]
+        inverse_hidden = 1.0 / plus.hidden_norms.float().clamp_min(torch.finfo(torch.float32).tiny)
+    scores = torch.empty(num_kv_heads, num_chunk, dtype=torch.float32, device=queries.device)
+    for head in range(num_kv_heads):
+        keys = torch.cat([keys_sink[head], keys_chunk[head], keys_repeat[head]], dim=0).float()
+        logits = torch.einsum("gqd,kd->gqk", queries[head].float(), keys) * scaling
+        logits[:, :, num_sink + num_chunk :].masked_fill_(~causal, float("-inf"))
+        weights = logits.softmax(dim=-1)[:, :, num_sink : num_sink + num_chunk]  # [G, q, m]
+        if plus is not None:
+            weights = weights * inverse_hidden[None, :, None] * value_norms[head][:, None, :]
+        scores[head] = weights[:, rows].amax(dim=(0, 1))
+    return scores
+
+
+def snapkv_scores(
+    window_queries: Tensor,
+    keys: Tensor,
+    *,
+    scaling: float,
+    kernel_size: int = 5,
+) -> Tensor:
+    """SnapKV scores of every key from an observation window: [H, T] (float32).
+
+    window_queries: [H, G, w, d] queries of the last w tokens of the prompt, which
+    are also the last w of the T keys (causal among themselves).  As kvpress's
+    SnapKVPress: softmax over all keys, mean over the window queries, 1-D average
+    pooling (kernel 5) along the keys, mean over the GQA group; the window's own
+    keys get the maximum score (they are the observation).
+    """
+    num_kv_heads, group_size, window, _ = window_queries.shape
+    total = keys.shape[1]
+    if window > total:
+        raise ValueError(f"observation window of {window} tokens is longer than the {total} keys")
+    logits = torch.einsum("hgwd,htd->hgwt", window_queries.float(), keys.float()) * scaling
+    causal = torch.ones(window, window, dtype=torch.bool, device=keys.device).tril()
+    logits[..., total - window :].masked_fill_(~causal, float("-inf"))
+    weights = logits.softmax(dim=-1)[..., : total - window].mean(dim=2)  # [H, G, T - w]
+    if total - window > 0:
+        pooled = F.avg_pool1d(
+            weights.reshape(num_kv_heads * group_size, 1, -1), kernel_size, stride=1, padding=kernel_size // 2
+        ).reshape(num_kv_heads, group_size, -1)[..., : total - window]
+        context_scores = pooled.mean(dim=1)
+        window_score = context_scores.amax(dim=-1, keepdim=True)
+    else:
+        context_scores = weights.new_zeros(num_kv_heads, 0)
+        window_score = weights.new_ones(num_kv_heads, 1)
+    return torch.cat([context_scores, window_score.expand(num_kv_heads, window)], dim=-1)
+
+
+def streaming_scores(positions: Tensor, num_kv_heads: int, sink_tokens: int) -> Tensor:
+    """StreamingLLM as scores: sinks first, then recency.  [H, n] (float32).
+
+    The `sink_tokens` first positions of the sequence score +inf and every other
+    token scores its position, so any top-k keeps the sinks and the newest tokens.
+    """
+    scores = positions.float().clone()
+    scores[positions < sink_tokens] = float("inf")
+    return scores.expand(num_kv_heads, -1).clone()
+
+
+def random_scores(positions: Tensor, num_kv_heads: int, *, seed: int, layer_idx: int) -> Tensor:
+    """Seeded uniform scores [H, n] that depend only on (seed, layer, position, head).
+
+    Hashing the position (instead of drawing a stream) makes the scores
+    independent of how the prompt was split into prefill steps.
+    """
+    heads = torch.arange(num_kv_heads, device=positions.device, dtype=torch.int64)[:, None]
+    mixed = (positions.to(torch.int64)[None, :] * 0x9E3779B1 + heads * 0x85EBCA77 + layer_idx * 0xC2B2AE3D + seed) & 0xFFFFFFFF
+    # xorshift-multiply finaliser (murmur3 fmix32) to spread the bits.
+    mixed = ((mixed ^ (mixed >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+    mixed = ((mixed ^ (mixed >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+    mixed = mixed ^ (mixed >> 16)
+    return mixed.float() / float(2**32)

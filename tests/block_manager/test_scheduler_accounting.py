@@ -33,20 +33,23 @@ def test_blocks_freed_after_prefill_match_the_geometry(compressing_scheduler_fac
     held_dense = cdiv(1000, BLOCK)
     assert start - free_blocks(scheduler) == held_dense
     step(scheduler)  # first decode step: the scheduler sees the processed prefill
-    geometry = CompressionGeometry(num_tokens=1000, block_size=BLOCK, window=32, keep_ratio=0.25, num_kv_heads=2)
+    geometry = CompressionGeometry(
+        num_tokens=1000, block_size=BLOCK, window=32, keep_ratio=0.25, num_kv_heads=2, sink_tokens=4
+    )
     assert geometry.dense_start_block == (1000 - 32) // BLOCK == 60
-    assert geometry.per_head_budget == 240 and geometry.container_blocks == 16
+    # 4 sinks + floor(0.25 * (960 - 4)) = 243 tokens per head; any split of 2 * 243 fits 17 blocks.
+    assert geometry.per_head_budget == 243 and geometry.container_blocks == 17
     record = manager.compression_record(request.request_id)
-    assert record is not None and record.freed_blocks == geometry.freed_blocks == 44
+    assert record is not None and record.freed_blocks == geometry.freed_blocks == 43
     blocks = scheduler.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks[request.request_id]
     null = scheduler.kv_cache_manager.block_pool.null_block
-    assert all(b is not null for b in blocks[:16]) and all(b is null for b in blocks[16:60])
+    assert all(b is not null for b in blocks[:17]) and all(b is null for b in blocks[17:60])
     assert all(b is not null for b in blocks[60:])
-    assert start - free_blocks(scheduler) == held_dense - 44
+    assert start - free_blocks(scheduler) == held_dense - 43
     while scheduler.requests:
         step(scheduler)
     assert free_blocks(scheduler) == start
-    assert manager.total_freed_blocks == 44 and manager.total_compressed_requests == 1
+    assert manager.total_freed_blocks == 43 and manager.total_compressed_requests == 1
 
 
 def test_short_and_opted_out_requests_stay_dense(compressing_scheduler_factory):
@@ -72,7 +75,9 @@ def test_per_request_ratio_overrides_the_engine_ratio(compressing_scheduler_fact
     scheduler.add_request(request)
     for _ in range(3):
         step(scheduler)
-    geometry = CompressionGeometry(num_tokens=800, block_size=BLOCK, window=32, keep_ratio=0.5, num_kv_heads=2)
+    geometry = CompressionGeometry(
+        num_tokens=800, block_size=BLOCK, window=32, keep_ratio=0.5, num_kv_heads=2, sink_tokens=4
+    )
     assert manager.compression_record(request.request_id).freed_blocks == geometry.freed_blocks > 0
 
 

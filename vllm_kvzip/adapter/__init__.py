@@ -20,12 +20,13 @@ def install() -> None:
     with _install_lock:
         if _installed:
             return
-        from vllm_kvzip.adapter import cli, kv_cache_api, registry, vllm_api
+        from vllm_kvzip.adapter import cli, kv_cache_api, registry, runner_hooks, vllm_api
 
         vllm_api.check_vllm_version()
         registry.register_attention_backends()
         cli.install_engine_args_hooks()
         kv_cache_api.install_kv_cache_hooks()
+        runner_hooks.install_runner_hooks()
         # Registers KVzipAttentionSpec -> KVzipManager with vLLM's spec registry.
         import vllm_kvzip.block_manager.vllm_manager  # noqa: F401
         _installed = True

@@ -20,6 +20,10 @@ ADDITIONAL_CONFIG_KEY = "kv_compression"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_HEAD_SIZES = (64, 128)
 CUSTOM_BACKEND = "CUSTOM"
+# Methods the vLLM path scores today (the scoring library has them all).
+VLLM_METHODS = ("streaming", "random", "head", "kvzap-linear", "kvzap-mlp")
+# Keep-ratio policies whose per-layer budget is fixed in advance (docs/design.md).
+VLLM_POLICIES = ("layer", "head", "adakv")
 
 logger = get_logger(__name__)
 
@@ -47,6 +51,24 @@ def prepare_engine_args(engine_args: Any) -> KVCompressionConfig:
 
     def refuse(flag: str, why: str) -> None:
         raise KVCompressionConfigError(f"{flag} cannot be combined with --kv-compression {config.method}: {why}")
+
+    if config.method not in VLLM_METHODS:
+        raise KVCompressionConfigError(
+            f"--kv-compression {config.method} is not available inside vLLM yet (the transformers API in "
+            f"vllm_kvzip.scoring has it); methods available in vLLM: {', '.join(VLLM_METHODS)}"
+        )
+    if config.threshold_mode:
+        refuse(
+            "--kv-compression-threshold",
+            "threshold mode keeps a data-dependent number of tokens, which vLLM's scheduler cannot free yet; "
+            "use --kv-compression-ratio",
+        )
+    if config.policy is not None and config.policy not in VLLM_POLICIES:
+        refuse(
+            "--kv-compression-policy",
+            f"{config.policy!r} gives layers different budgets, which per-layer page packing cannot free; "
+            f"valid values in vLLM: {', '.join(VLLM_POLICIES)}",
+        )
 
     if engine_args.enable_prefix_caching:
         refuse(
@@ -81,6 +103,14 @@ def prepare_engine_args(engine_args: Any) -> KVCompressionConfig:
         if engine_args.attention_backend is None:
             engine_args.attention_backend = CUSTOM_BACKEND
     # The CPU platform always builds CPU_ATTN, which vllm-kvzip overrides.
+
+    # The plugin's runner hooks target vLLM's V1 model runner (the CPU
+    # platform's runner); MRV2 is the CUDA default for dense models in 0.26.
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") not in (None, "0"):
+        refuse("VLLM_USE_V2_MODEL_RUNNER=1", "vllm-kvzip hooks vLLM's V1 model runner; unset it")
+    if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        logger.info("vllm-kvzip: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
 
     # Ship the validated, normalised settings to every vLLM process.
     engine_args.additional_config = {**(additional or {}), ADDITIONAL_CONFIG_KEY: config.to_dict()}

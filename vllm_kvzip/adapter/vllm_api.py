@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
 SUPPORTED_VLLM = ("0.26.0",)
-
-logger = logging.getLogger("vllm_kvzip")
 
 
 class UnsupportedVLLMError(RuntimeError):
@@ -36,8 +32,10 @@ def is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
-def get_logger(name: str = "vllm_kvzip"):
-    """vLLM's logger factory, so our lines share vLLM's format and level."""
+def get_logger(name: str = "vllm.kvzip"):
+    """A logger under vLLM's "vllm" namespace, so our lines share vLLM's handlers, format and level."""
     from vllm.logger import init_logger
 
+    if not name.startswith("vllm."):
+        name = "vllm.kvzip." + name.removeprefix("vllm_kvzip.")
     return init_logger(name)

@@ -21,6 +21,10 @@ import torch
 from vllm_kvzip.config import KVCompressionConfig, request_keep_ratio
 
 DENSE_SLOT = 0
+# Budget policy of the vLLM path when the user gave none: the same count in
+# every layer (free across its heads) is what per-layer page packing holds
+# exactly (docs/design.md).
+DEFAULT_VLLM_POLICY = "layer"
 
 
 class RaggedPageTable:
@@ -84,6 +88,7 @@ class WorkerCompressionState:
         device: torch.device,
     ) -> None:
         self.config = config
+        self.policy = config.policy or DEFAULT_VLLM_POLICY
         self.layer_names = list(layer_names)
         self.layer_index = {name: index for index, name in enumerate(self.layer_names)}
         self.num_layers = len(self.layer_names)
@@ -98,9 +103,32 @@ class WorkerCompressionState:
         self.pending: dict[str, int] = {}
         # Score buffers filled during the forward pass (KVzap), by layer name.
         self.score_caches: dict[str, torch.Tensor] = {}
+        # [L, H] saved head scores (method "head").
+        self.head_scores: torch.Tensor | None = None
         self.total_compressed = 0
         self.total_kept_tokens = 0
         self.total_evictable_tokens = 0
+        self.total_freed_blocks = 0
+
+    def record_compression(self, entry: "RequestEntry", geometry, seconds: float) -> None:
+        pairs = self.num_layers * self.num_kv_heads
+        self.total_compressed += 1
+        self.total_kept_tokens += entry.kept_tokens
+        self.total_evictable_tokens += entry.evictable_tokens * pairs
+        self.total_freed_blocks += geometry.freed_blocks
+        kept_per_head = entry.kept_tokens / pairs
+        logger().info(
+            "vllm-kvzip: request %s compressed (%s): kept %.0f of %d context tokens per (layer, head) "
+            "+ %d dense tail tokens, freed %d of %d blocks, %.1f ms",
+            entry.request_id,
+            self.config.method,
+            kept_per_head,
+            entry.evictable_tokens,
+            geometry.num_tokens - geometry.evictable_tokens,
+            geometry.freed_blocks,
+            -(-geometry.num_tokens // geometry.block_size),
+            seconds * 1e3,
+        )
 
     # -- request lifecycle -------------------------------------------------------------
     def add_request(self, request_id: str, extra_args: dict | None) -> RequestEntry:
@@ -119,6 +147,12 @@ class WorkerCompressionState:
     def slot_of(self, request_id: str) -> int:
         entry = self.requests.get(request_id)
         return DENSE_SLOT if entry is None else entry.slot
+
+
+def logger():
+    from vllm_kvzip.adapter.vllm_api import get_logger
+
+    return get_logger("vllm.kvzip")
 
 
 _STATE: WorkerCompressionState | None = None

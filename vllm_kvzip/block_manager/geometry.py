@@ -14,8 +14,10 @@ Logical block index of one request after compression (bs = block size):
                                           prompt tokens and every decoded token,
                                           in vLLM's normal layout
 
-Only tokens before `dense_start_block * bs` ("evictable") are scored.  Each
-(layer, KV head) keeps `per_head_budget` of them on average; one layer's heads
+Only tokens before `dense_start_block * bs` ("evictable") are scored.  The
+first `sink_tokens` of them are always kept; of the others a fraction
+`keep_ratio` (rounded down, as `vllm_kvzip.scoring.policies.budget`) is kept.
+Each (layer, KV head) thus keeps `per_head_budget` tokens on average; one layer's heads
 together keep `num_kv_heads * per_head_budget`, so a layer needs at most
 `num_kv_heads * cdiv(per_head_budget + bs - 1, bs)` head pages whatever the
 split between its heads, and a block holds `num_kv_heads` head pages per layer.
@@ -23,7 +25,6 @@ split between its heads, and a block holds `num_kv_heads` head pages per layer.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 
@@ -40,14 +41,15 @@ class CompressionGeometry:
     window: int
     keep_ratio: float
     num_kv_heads: int
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.num_kv_heads <= 0:
             raise ValueError("block_size and num_kv_heads must be positive")
-        if not (0.0 < self.keep_ratio <= 1.0) or math.isnan(self.keep_ratio):
+        if not (0.0 < self.keep_ratio <= 1.0):  # also False for NaN
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.window < 0 or self.num_tokens < 0:
-            raise ValueError("window and num_tokens must be >= 0")
+        if self.window < 0 or self.num_tokens < 0 or self.sink_tokens < 0:
+            raise ValueError("window, num_tokens and sink_tokens must be >= 0")
 
     @property
     def dense_start_block(self) -> int:
@@ -60,9 +62,14 @@ class CompressionGeometry:
         return self.dense_start_block * self.block_size
 
     @property
+    def sinks(self) -> int:
+        return min(self.sink_tokens, self.evictable_tokens)
+
+    @property
     def per_head_budget(self) -> int:
-        """Evictable tokens one (layer, KV head) keeps on average."""
-        return min(self.evictable_tokens, math.ceil(self.keep_ratio * self.evictable_tokens - 1e-9))
+        """Evictable tokens one (layer, KV head) keeps on average (sinks included)."""
+        scored = self.evictable_tokens - self.sinks
+        return self.sinks + int(self.keep_ratio * scored + 1e-9)
 
     @property
     def layer_budget(self) -> int:

@@ -84,6 +84,7 @@ class KVzipManager(FullAttentionManager):
             window=self.compression.window,
             keep_ratio=keep_ratio,
             num_kv_heads=self.kv_cache_spec.num_kv_heads,
+            sink_tokens=self.compression.sink_tokens,
         )
 
     def remove_skipped_blocks(

@@ -1,0 +1,103 @@
+"""Hooks into vLLM 0.26.0's V1 model runner (`vllm.v1.worker.gpu_model_runner.GPUModelRunner`).
+
+The attention backend sees tensors, not requests, so three runner methods are
+wrapped (class-level, in every worker process; each wrapper is a no-op when no
+compression state exists, i.e. when compression is off):
+
+* `_update_states(scheduler_output)`: request lifecycle.  Finished, aborted and
+  preempted requests are forgotten (vLLM frees their blocks); new and resumed
+  requests are registered with their keep ratio.
+* `_prepare_inputs(scheduler_output, num_scheduled_tokens)`: stashes the
+  step's request ids in attention-row order (the builder maps rows to page
+  tables with them) and notes which requests complete their prefill.
+* `sample_tokens(grammar_output)`: after the step, compresses the requests
+  whose prefill completed.  A step whose output does not go through
+  `sample_tokens` is caught up at the next `_update_states`, still before the
+  next forward pass.
+
+vLLM 0.26 also has a second model runner (MRV2, `vllm.v1.worker.gpu`); with
+compression on the engine hook selects the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0),
+which is also the runner of the CPU platform, so one set of hooks serves both.
+"""
+
+from __future__ import annotations
+
+from vllm_kvzip.backend.state import StepBatch, get_state
+
+
+def install_runner_hooks() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner, "_vllm_kvzip_hooked", False):
+        return
+    original_update_states = GPUModelRunner._update_states
+    original_prepare_inputs = GPUModelRunner._prepare_inputs
+    original_sample_tokens = GPUModelRunner.sample_tokens
+
+    def _update_states(self, scheduler_output):
+        state = get_state()
+        if state is None:
+            return original_update_states(self, scheduler_output)
+        # Before vLLM drops them: compactions still due from the previous step.
+        ended = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
+        run_pending_compressions(self, state, skip=ended)
+        # Forget ended requests first: an aborted id may come back as new in this step.
+        for request_id in scheduler_output.finished_req_ids:
+            state.drop_request(request_id)
+        for request_id in scheduler_output.preempted_req_ids or ():
+            state.drop_request(request_id)
+        result = original_update_states(self, scheduler_output)
+        for new_request in scheduler_output.scheduled_new_reqs:
+            params = new_request.sampling_params
+            state.add_request(new_request.req_id, getattr(params, "extra_args", None))
+        for request_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+            params = self.requests[request_id].sampling_params
+            state.add_request(request_id, getattr(params, "extra_args", None))
+        return result
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        state = get_state()
+        if state is not None:
+            batch = self.input_batch
+            request_ids = list(batch.req_ids[: batch.num_reqs])
+            computed = batch.num_computed_tokens_cpu
+            completing = {}
+            for row, request_id in enumerate(request_ids):
+                entry = state.requests.get(request_id)
+                if entry is None or entry.compressed:
+                    continue
+                reached = int(computed[row]) + int(num_scheduled_tokens[row])
+                # The prefill (prompt, or prompt + outputs after a preemption)
+                # is complete once every known token is computed.
+                if reached >= self.requests[request_id].num_tokens:
+                    completing[request_id] = reached
+            state.step = StepBatch(request_ids=request_ids, completing=completing)
+            state.pending.update(completing)
+        return original_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+
+    def sample_tokens(self, grammar_output, *args, **kwargs):
+        output = original_sample_tokens(self, grammar_output, *args, **kwargs)
+        state = get_state()
+        if state is not None and state.pending:
+            run_pending_compressions(self, state)
+        return output
+
+    GPUModelRunner._update_states = _update_states
+    GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner.sample_tokens = sample_tokens
+    GPUModelRunner._vllm_kvzip_hooked = True
+
+
+def run_pending_compressions(runner, state, skip=()) -> None:
+    if not state.pending:
+        return
+    from vllm_kvzip.backend.compressor import compress_request
+
+    pending, state.pending = state.pending, {}
+    forward_context = runner.compilation_config.static_forward_context
+    kv_caches = {name: forward_context[name].kv_cache for name in state.layer_names}
+    for request_id, num_tokens in pending.items():
+        request = runner.requests.get(request_id)
+        if request is None or request_id in skip:
+            continue  # finished (or aborted) before its compaction: nothing to save
+        compress_request(state, request_id, num_tokens, list(request.block_ids[0]), kv_caches)

@@ -46,3 +46,34 @@ def current_vllm_config():
     from vllm.config import get_current_vllm_config
 
     return get_current_vllm_config()
+
+
+DENSE_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
+
+
+def dense_backend(name: str | None = None):
+    """(backend, builder, impl) of the vLLM backend that runs prefill rows.
+
+    FLASH_ATTN (FlashAttention-3 on Hopper) when vLLM can load it, else
+    TRITON_ATTN; `name` forces one of DENSE_BACKENDS.
+    """
+    if name not in (None, "", *DENSE_BACKENDS):
+        raise ValueError(f"VLLM_KVZIP_PREFILL_BACKEND={name!r}; valid values: {', '.join(DENSE_BACKENDS)}")
+    if name in (None, "", "FLASH_ATTN"):
+        try:
+            from vllm.v1.attention.backends import flash_attn
+
+            return flash_attn.FlashAttentionBackend, flash_attn.FlashAttentionMetadataBuilder, flash_attn.FlashAttentionImpl
+        except Exception:
+            if name == "FLASH_ATTN":
+                raise
+    backend, builder, impl, _ = triton_backend()
+    return backend, builder, impl
+
+
+def slice_common_metadata(metadata, first_row: int, end_row: int, first_token: int):
+    """CommonAttentionMetadata of rows [first_row, end_row) (tokens from first_token on)."""
+    from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
+
+    token_end = int(metadata.query_start_loc_cpu[end_row])
+    return _make_metadata_with_slice(UBatchSlice(slice(first_row, end_row), slice(first_token, token_end)), metadata)

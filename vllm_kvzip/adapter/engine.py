@@ -147,11 +147,7 @@ def validate_engine_config(vllm_config: Any, config: KVCompressionConfig) -> Non
             f"--kv-compression-window {config.window} must be smaller than the model's max length "
             f"(--max-model-len {max_model_len}); valid values: 0..{max_model_len - 1}"
         )
-    if config.method == "head" and config.head_scores is not None and not os.path.isfile(config.head_scores):
-        raise KVCompressionConfigError(f"--kv-compression-head-scores: no file at {config.head_scores!r}")
-    if config.is_kvzap and config.surrogate is not None and os.path.sep in config.surrogate:
-        if not os.path.isdir(config.surrogate):
-            raise KVCompressionConfigError(f"--kv-compression-surrogate: no folder at {config.surrogate!r}")
+    _check_method_assets(config, model_config)
 
     mode = f"threshold {config.threshold}" if config.threshold_mode else f"keep ratio {config.effective_keep_ratio}"
     logger.info(
@@ -162,3 +158,26 @@ def validate_engine_config(vllm_config: Any, config: KVCompressionConfig) -> Non
         config.sink_tokens,
         architectures[0],
     )
+
+
+def _check_method_assets(config: KVCompressionConfig, model_config: Any) -> None:
+    """Load what the method needs once here, so a bad file stops vLLM before the model loads."""
+    from vllm_kvzip.scoring.kvzap_model import KVzapCheckpointError, ModelShape
+
+    shape = ModelShape.from_config(model_config.hf_config)
+    if config.method == "head":
+        from vllm_kvzip.scoring.head_scores import load_head_scores
+
+        if config.head_scores is not None and not os.path.isfile(config.head_scores):
+            raise KVCompressionConfigError(f"--kv-compression-head-scores: no file at {config.head_scores!r}")
+        try:
+            load_head_scores(config.head_scores, model_config.model, shape)
+        except (OSError, ValueError) as exc:
+            raise KVCompressionConfigError(f"--kv-compression-head-scores: {exc}") from None
+    if config.is_kvzap:
+        from vllm_kvzip.backend.kvzap import load_surrogate
+
+        try:
+            load_surrogate(config, model_config)
+        except (KVzapCheckpointError, OSError, ValueError) as exc:
+            raise KVCompressionConfigError(f"--kv-compression-surrogate: {exc}") from None

@@ -14,6 +14,8 @@ compression state exists, i.e. when compression is off):
   whose prefill completed.  A step whose output does not go through
   `sample_tokens` is caught up at the next `_update_states`, still before the
   next forward pass.
+* `load_model` / `initialize_kv_cache`: KVzap's surrogate hooks on the loaded
+  model, and its score caches next to the KV caches.
 
 vLLM 0.26 also has a second model runner (MRV2, `vllm.v1.worker.gpu`); with
 compression on the engine hook selects the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0),
@@ -82,10 +84,64 @@ def install_runner_hooks() -> None:
             run_pending_compressions(self, state)
         return output
 
+    def wrap_load_model(original):
+        def load_model(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            install_kvzap_hooks(self)
+            return result
+
+        return load_model
+
+    original_initialize_kv_cache = GPUModelRunner.initialize_kv_cache
+
+    def initialize_kv_cache(self, *args, **kwargs):
+        result = original_initialize_kv_cache(self, *args, **kwargs)
+        state = get_state()
+        if state is not None and state.config.is_kvzap:
+            from vllm_kvzip.backend.kvzap import allocate_score_caches
+
+            allocate_score_caches(state, attention_kv_caches(self, state.layer_names))
+        return result
+
     GPUModelRunner._update_states = _update_states
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner.sample_tokens = sample_tokens
+    GPUModelRunner.initialize_kv_cache = initialize_kv_cache
+    GPUModelRunner.load_model = wrap_load_model(GPUModelRunner.load_model)
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    if "load_model" in vars(CPUModelRunner):
+        CPUModelRunner.load_model = wrap_load_model(CPUModelRunner.load_model)
     GPUModelRunner._vllm_kvzip_hooked = True
+
+
+def attention_kv_caches(runner, layer_names: list[str]) -> dict:
+    forward_context = runner.compilation_config.static_forward_context
+    return {name: forward_context[name].kv_cache for name in layer_names}
+
+
+def attention_layer_names(runner) -> list[str]:
+    """Names of the model's attention layers, in layer order."""
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    forward_context = runner.compilation_config.static_forward_context
+    names = [name for name, module in forward_context.items() if isinstance(module, Attention)]
+    return sorted(names, key=extract_layer_index)
+
+
+def install_kvzap_hooks(runner) -> None:
+    from vllm_kvzip.adapter.engine import kv_compression_config
+
+    config = kv_compression_config(runner.vllm_config)
+    if not config.is_kvzap:
+        return
+    from vllm_kvzip.backend.kvzap import KVzapRecorder, load_surrogate
+
+    surrogate = load_surrogate(config, runner.vllm_config.model_config)
+    runner._vllm_kvzip_kvzap = KVzapRecorder(
+        surrogate, runner.model, attention_layer_names(runner), runner.vllm_config.model_config.dtype, runner.device
+    )
 
 
 def run_pending_compressions(runner, state, skip=()) -> None:
@@ -94,8 +150,7 @@ def run_pending_compressions(runner, state, skip=()) -> None:
     from vllm_kvzip.backend.compressor import compress_request
 
     pending, state.pending = state.pending, {}
-    forward_context = runner.compilation_config.static_forward_context
-    kv_caches = {name: forward_context[name].kv_cache for name in state.layer_names}
+    kv_caches = attention_kv_caches(runner, state.layer_names)
     for request_id, num_tokens in pending.items():
         request = runner.requests.get(request_id)
         if request is None or request_id in skip:

@@ -41,6 +41,7 @@ class KVzipCPUAttentionMetadataBuilder(_CPUBuilder):
             max_num_seqs=max_rows,
             device=torch.device(device),
         )
+        state.load_method_assets(vllm_config.model_config)
         set_state(state)
         self.rows = RowGatherBuffers(state, max_rows)
 

@@ -110,6 +110,15 @@ class WorkerCompressionState:
         self.total_evictable_tokens = 0
         self.total_freed_blocks = 0
 
+    def load_method_assets(self, model_config) -> None:
+        """Per-method data the compressor needs (saved head scores)."""
+        if self.config.method == "head":
+            from vllm_kvzip.scoring.head_scores import load_head_scores
+            from vllm_kvzip.scoring.kvzap_model import ModelShape
+
+            shape = ModelShape.from_config(model_config.hf_config)
+            self.head_scores = load_head_scores(self.config.head_scores, model_config.model, shape).to(self.device)
+
     def record_compression(self, entry: "RequestEntry", geometry, seconds: float) -> None:
         pairs = self.num_layers * self.num_kv_heads
         self.total_compressed += 1

@@ -1,0 +1,127 @@
+"""KVzap inside vLLM: surrogate scores computed during the normal forward pass.
+
+A forward pre-hook on every decoder layer's attention module (`self_attn`,
+which receives the post-input_layernorm hidden states) runs that layer's
+KVzap surrogate on the step's tokens and records the predicted log-scores in
+a per-layer *score cache* laid out like the KV cache (`[num_blocks, H, bs]`,
+flat index `(block * H + head) * bs + offset`), at the tokens' KV slots.  No
+extra forward pass; the compressor later reads the scores of a request's
+context from its blocks.
+
+The write goes through the custom op `vllm_kvzip::record_kvzap_scores`, which
+looks the slot mapping up in vLLM's forward context by layer name (as vLLM's
+own attention op does), so it is opaque to torch.compile, and is declared as
+mutating its `marker` argument so the compiler keeps it.  Its kernels are
+captured by CUDA graphs with the persistent slot-mapping buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvzip.scoring.kvzap_model import (
+    KVzapCheckpointError,
+    KVzapSurrogate,
+    ModelShape,
+    default_checkpoint_name,
+    shipped_checkpoint,
+)
+
+def surrogate_source(config, model_name: str) -> str:
+    """Folder or hub id of the KVzap weights for `model_name` (config.surrogate wins)."""
+    if config.surrogate is not None:
+        return config.surrogate
+    kind = config.method.removeprefix("kvzap-")
+    basename = model_name.rstrip("/").split("/")[-1]
+    shipped = shipped_checkpoint(basename, kind)
+    return str(shipped) if shipped is not None else default_checkpoint_name(model_name, kind)
+
+
+def load_surrogate(config, model_config) -> KVzapSurrogate:
+    source = surrogate_source(config, model_config.model)
+    shape = ModelShape.from_config(model_config.hf_config)
+    return KVzapSurrogate.load(source, shape=shape)
+
+
+def attention_module_names(layer_names: list[str]) -> list[str]:
+    """`model.layers.3.self_attn.attn` -> `model.layers.3.self_attn` (the module fed hidden states)."""
+    return [name.rsplit(".", 1)[0] for name in layer_names]
+
+
+@torch.library.custom_op("vllm_kvzip::record_kvzap_scores", mutates_args=("marker",))
+def record_kvzap_scores(scores: torch.Tensor, marker: torch.Tensor, layer_name: str) -> None:
+    """Write `scores [num_tokens, H]` into the layer's score cache at the tokens' KV slots."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    from vllm_kvzip.backend.state import get_state
+
+    state = get_state()
+    if state is None or not is_forward_context_available():
+        return
+    slot_mappings = get_forward_context().slot_mapping
+    slot_mapping = slot_mappings.get(layer_name) if isinstance(slot_mappings, dict) else None
+    cache = state.score_caches.get(layer_name)
+    if slot_mapping is None or cache is None:
+        return  # profiling / dummy run: nothing to record
+    num_tokens = slot_mapping.shape[0]
+    slots = slot_mapping.to(torch.int64)
+    heads = state.num_kv_heads
+    bs = state.block_size
+    index = ((slots // bs)[:, None] * heads + torch.arange(heads, device=slots.device)[None, :]) * bs + (slots % bs)[:, None]
+    # Padding tokens (slot -1) write to the trash entries after the cache.
+    trash = cache.numel() - heads + torch.arange(heads, device=slots.device)[None, :]
+    index = torch.where(slots[:, None] >= 0, index, trash)
+    cache.view(-1).index_copy_(0, index.reshape(-1), scores[:num_tokens].reshape(-1).to(cache.dtype))
+
+
+@record_kvzap_scores.register_fake
+def _(scores, marker, layer_name):
+    return None
+
+
+class KVzapRecorder:
+    """Installs the pre-hooks on a loaded vLLM model and owns the score caches."""
+
+    def __init__(self, surrogate: KVzapSurrogate, model: torch.nn.Module, layer_names: list[str], dtype, device):
+        self.surrogate = surrogate.to(device=device, dtype=dtype).eval()
+        self.layer_names = layer_names
+        self.markers = {}
+        modules = dict(model.named_modules())
+        for index, (layer_name, module_name) in enumerate(zip(layer_names, attention_module_names(layer_names))):
+            module = _find_module(modules, module_name)
+            marker = torch.zeros(1, device=device)
+            self.markers[layer_name] = marker
+            module.register_forward_pre_hook(self._hook(index, layer_name, marker), with_kwargs=True)
+
+    def _hook(self, index: int, layer_name: str, marker: torch.Tensor):
+        layer = self.surrogate.layers[index]
+
+        def hook(module, args, kwargs):
+            hidden_states = kwargs.get("hidden_states")
+            if hidden_states is None and len(args) >= 2:
+                hidden_states = args[1]  # forward(positions, hidden_states)
+            if hidden_states is None:
+                raise RuntimeError(f"vllm-kvzip: {type(module).__name__}.forward got no hidden_states")
+            scores = layer(hidden_states.reshape(-1, hidden_states.shape[-1]))
+            torch.ops.vllm_kvzip.record_kvzap_scores(scores, marker, layer_name)
+            return None
+
+        return hook
+
+
+def _find_module(modules: dict, name: str) -> torch.nn.Module:
+    if name in modules:
+        return modules[name]
+    # vLLM sometimes wraps the model (e.g. `model.` prefixes differ): match by suffix.
+    matches = [module for full, module in modules.items() if full.endswith(name)]
+    if len(matches) != 1:
+        raise KVzapCheckpointError(f"vllm-kvzip: cannot find the attention module {name!r} in the model")
+    return matches[0]
+
+
+def allocate_score_caches(state, kv_caches: dict[str, torch.Tensor]) -> None:
+    """One score cache per layer, laid out like its KV cache (plus `H` trash entries)."""
+    for name in state.layer_names:
+        kv = kv_caches[name]
+        num_blocks, heads, block_size = kv.shape[0], kv.shape[1], kv.shape[2]
+        state.score_caches[name] = torch.zeros(num_blocks * heads * block_size + heads, dtype=torch.float32, device=kv.device)

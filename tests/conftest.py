@@ -13,6 +13,10 @@ CPU_ENGINE_ENV = {
     "VLLM_CPU_OMP_THREADS_BIND": "0-1",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
+    # Engine core and worker in the test process: tests can look at vLLM's
+    # scheduler and at the plugin's worker state directly.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_KVZIP_RECORD_KEEP_SETS": "1",
 }
 for _key, _value in CPU_ENGINE_ENV.items():
     os.environ.setdefault(_key, _value)

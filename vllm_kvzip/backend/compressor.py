@@ -12,54 +12,22 @@ agree on the blocks that hold the head pages without talking to each other.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 
 from vllm_kvzip.backend.ops import compact_kv
-from vllm_kvzip.backend.state import RequestEntry, WorkerCompressionState
+from vllm_kvzip.backend.state import WorkerCompressionState
 from vllm_kvzip.block_manager.geometry import CompressionGeometry
 from vllm_kvzip.block_manager.plan import dense_flat_slots, plan_layer_compaction
-from vllm_kvzip.scoring.functional import random_scores, streaming_scores
+from vllm_kvzip.scoring.context import context_scores
 from vllm_kvzip.scoring.policies import keep_by_ratio
 
-# Methods the vLLM path scores itself, from what the worker has at hand.
-ScoreFn = Callable[[WorkerCompressionState, RequestEntry, torch.Tensor, torch.Tensor], torch.Tensor]
 
-
-def _streaming(state, entry, positions, block_ids):
-    scores = streaming_scores(positions, state.num_kv_heads, state.config.sink_tokens)
-    return scores.expand(state.num_layers, -1, -1)
-
-
-def _random(state, entry, positions, block_ids):
-    return torch.stack(
-        [
-            random_scores(positions, state.num_kv_heads, seed=state.config.seed, layer_idx=layer)
-            for layer in range(state.num_layers)
-        ]
-    )
-
-
-def _head(state, entry, positions, block_ids):
-    head_scores = state.head_scores  # [L, H], loaded when the state is built
-    return head_scores[:, :, None].expand(-1, -1, positions.numel())
-
-
-def _from_score_caches(state, entry, positions, block_ids):
-    """Scores written into the per-layer score caches during the prefill (KVzap)."""
+def _recorded_kvzap_scores(state: WorkerCompressionState, positions: torch.Tensor, block_table: torch.Tensor):
+    """[L, H, n] KVzap scores written into the per-layer score caches during the prefill."""
     heads = torch.arange(state.num_kv_heads, device=positions.device)[:, None]
-    slots = dense_flat_slots(positions[None, :], heads, block_ids, state.num_kv_heads, state.block_size)
-    return torch.stack([state.score_caches[name].view(-1)[slots].float() for name in state.layer_names])
-
-
-SCORE_FUNCTIONS: dict[str, ScoreFn] = {
-    "streaming": _streaming,
-    "random": _random,
-    "head": _head,
-    "kvzap-linear": _from_score_caches,
-    "kvzap-mlp": _from_score_caches,
-}
+    slots = dense_flat_slots(positions[None, :], heads, block_table, state.num_kv_heads, state.block_size)
+    return torch.stack([state.score_caches[name].view(-1)[slots] for name in state.layer_names])
 
 
 def geometry_for(state: WorkerCompressionState, num_tokens: int, keep_ratio: float) -> CompressionGeometry:
@@ -96,12 +64,21 @@ def compress_request(
     evictable = geometry.evictable_tokens
     block_table = torch.tensor(block_ids[: geometry.dense_start_block], dtype=torch.int32, device=device)
     positions = torch.arange(evictable, device=device)
-    scores = SCORE_FUNCTIONS[state.config.method](state, entry, positions, block_table)
+    scores = context_scores(
+        state.config,
+        positions,
+        state.num_layers,
+        state.num_kv_heads,
+        head_scores=state.head_scores,
+        recorded_scores=_recorded_kvzap_scores(state, positions, block_table) if state.config.is_kvzap else None,
+    )
     # The dense tail holds the window, so only the sinks are protected here.
     keep = keep_by_ratio(
         scores, entry.keep_ratio, state.policy, sink_tokens=state.config.sink_tokens, window=0
     ).mask
 
+    if state.recorded_keep_sets is not None:
+        state.recorded_keep_sets[request_id] = keep.cpu()
     slot = state.table.acquire()
     kept_total = 0
     for layer, name in enumerate(state.layer_names):

@@ -14,6 +14,7 @@ attention backend's metadata builder is built).  It keeps
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +110,11 @@ class WorkerCompressionState:
         self.total_kept_tokens = 0
         self.total_evictable_tokens = 0
         self.total_freed_blocks = 0
+        # Debugging / tests: keep masks [L, H, evictable] by request id
+        # (VLLM_KVZIP_RECORD_KEEP_SETS=1 turns it on).
+        self.recorded_keep_sets: dict[str, torch.Tensor] | None = (
+            {} if os.environ.get("VLLM_KVZIP_RECORD_KEEP_SETS") == "1" else None
+        )
 
     def load_method_assets(self, model_config) -> None:
         """Per-method data the compressor needs (saved head scores)."""

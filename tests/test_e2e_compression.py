@@ -1,0 +1,178 @@
+"""vLLM's real engine (CPU build) compressing with the plugin, checked against the transformers oracle.
+
+One in-process engine (see conftest: VLLM_ENABLE_V1_MULTIPROCESSING=0) runs
+KVzap-MLP at a default keep ratio of 0.25 with block size 16; requests override
+the ratio or opt out through `extra_args` (vllm_xargs), so one batch mixes
+compressed and dense requests.  For every request the oracle
+(`vllm_kvzip.scoring.vllm_reference.generate_like_vllm`: same geometry, scores,
+policy, then ragged greedy decoding in transformers) must give the same kept
+tokens and the same output tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_kvzip.block_manager.geometry import CompressionGeometry, cdiv
+from vllm_kvzip.eval.synthetic import make_example
+
+BLOCK_SIZE = 16
+MAX_TOKENS = 12
+SETTINGS = {"method": "kvzap-mlp", "keep_ratio": 0.25, "window": 64}
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def surrogate_dir(tmp_path_factory, embedded_model):
+    """A KVzap-MLP checkpoint in the published layout, sized for the embedded model."""
+    from transformers import AutoConfig
+
+    from vllm_kvzip.scoring.kvzap_model import KVzapSurrogate, ModelShape
+
+    torch.manual_seed(0)
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(embedded_model))
+    folder = tmp_path_factory.mktemp("kvzap") / "kvzap-mlp"
+    KVzapSurrogate.for_model(shape, "mlp").save(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def engine(embedded_model, surrogate_dir):
+    from vllm import LLM
+
+    llm = LLM(
+        model=embedded_model,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=4096,
+        block_size=BLOCK_SIZE,
+        seed=0,
+        additional_config={"kv_compression": {**SETTINGS, "surrogate": surrogate_dir}},
+    )
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def oracle_model(embedded_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval()
+
+
+def _prompts(engine, count: int) -> list[list[int]]:
+    tokenizer = engine.get_tokenizer()
+    prompts = []
+    for seed, task in zip(range(count), ["profile", "needle", "uuid_kv", "multikey", "variable"]):
+        example = make_example(task, seed, token_budget=700, count_tokens=lambda text: len(tokenizer.encode(text)))
+        question = example.questions[0]
+        messages = [{"role": "user", "content": example.context + "\n\n" + question.text}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append(tokenizer.encode(text + question.answer_prefix, add_special_tokens=False))
+    return prompts
+
+
+def _scheduler(engine):
+    return engine.llm_engine.engine_core.engine_core.scheduler
+
+
+def _assert_worker_state_follows_vllm(engine):
+    """The plugin holds state only for requests vLLM's model runner still holds (ended
+    requests reach the worker with the next step), and one page-table slot per compressed one."""
+    from vllm_kvzip.backend.state import DENSE_SLOT, get_state
+
+    state = get_state()
+    runner = engine.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    assert set(state.requests) <= set(runner.requests)
+    assert not set(state.pending) - set(runner.requests)
+    used_slots = sum(entry.slot != DENSE_SLOT for entry in state.requests.values())
+    assert state.table.free_slots == state.table.num_slots - 1 - used_slots
+
+
+def test_mixed_batch_matches_the_transformers_oracle(engine, oracle_model, surrogate_dir):
+    from vllm import SamplingParams, TokensPrompt
+
+    from vllm_kvzip.backend.state import get_state
+    from vllm_kvzip.config import KVCompressionConfig
+    from vllm_kvzip.scoring.kvzap_model import KVzapSurrogate
+    from vllm_kvzip.scoring.vllm_reference import generate_like_vllm
+
+    per_request = [None, {"kv_compression_ratio": 0.5}, {"kv_compression": "none"}, {"kv_compression_ratio": 1.0}]
+    prompts = _prompts(engine, len(per_request))
+    params = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, extra_args=extra) for extra in per_request]
+    state = get_state()
+    state.recorded_keep_sets.clear()
+    outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params)
+
+    config = KVCompressionConfig.parse({**SETTINGS, "surrogate": surrogate_dir})
+    surrogate = KVzapSurrogate.load(surrogate_dir).float()
+    stop = [engine.get_tokenizer().eos_token_id]
+    compressed = 0
+    for prompt, extra, output in zip(prompts, per_request, outputs):
+        reference = generate_like_vllm(
+            oracle_model, prompt, config, block_size=BLOCK_SIZE, max_new_tokens=MAX_TOKENS,
+            stop_token_ids=stop, surrogate=surrogate, extra_args=extra,
+        )
+        # LLM.generate makes the engine's request id from its own with a suffix.
+        recorded = next(
+            (keep for key, keep in state.recorded_keep_sets.items() if key.split("-")[0] == output.request_id), None
+        )
+        if reference.keep is None or not reference.geometry.compresses:
+            assert recorded is None, f"request {extra} should have stayed dense"
+        else:
+            compressed += 1
+            evictable = reference.geometry.evictable_tokens
+            assert recorded is not None, f"request {extra} was not compressed"
+            assert torch.equal(recorded, reference.keep[:, :, :evictable].cpu()), f"keep-sets differ for {extra}"
+            # The per-layer budget is exact: every layer keeps H * per_head_budget tokens.
+            per_layer = recorded.sum(dim=(1, 2))
+            assert torch.all(per_layer == reference.geometry.layer_budget)
+        assert list(output.outputs[0].token_ids) == reference.token_ids, f"outputs differ for {extra}"
+    assert compressed == 2
+
+
+def test_free_blocks_grow_by_what_the_geometry_predicts(engine):
+    from vllm import SamplingParams
+
+    from vllm_kvzip.backend.state import get_state
+
+    llm_engine = engine.llm_engine
+    pool = _scheduler(engine).kv_cache_manager.block_pool
+    prompt = _prompts(engine, 1)[0]
+    start = pool.get_num_free_blocks()
+    llm_engine.add_request("blocks-1", {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8))
+    llm_engine.step()  # the whole prompt fits one step: prefill + compaction on the worker
+    held_dense = cdiv(len(prompt), BLOCK_SIZE)
+    assert start - pool.get_num_free_blocks() == held_dense
+    llm_engine.step()  # the scheduler sees the processed prefill and frees the gap
+    geometry = CompressionGeometry(
+        num_tokens=len(prompt), block_size=BLOCK_SIZE, window=SETTINGS["window"],
+        keep_ratio=SETTINGS["keep_ratio"], num_kv_heads=get_state().num_kv_heads, sink_tokens=4,
+    )
+    assert geometry.freed_blocks > 0
+    # One decode step may have opened one new block at the tail.
+    tail_growth = cdiv(len(prompt) + 1, BLOCK_SIZE) - held_dense
+    assert start - pool.get_num_free_blocks() == held_dense - geometry.freed_blocks + tail_growth
+    while llm_engine.has_unfinished_requests():
+        llm_engine.step()
+    assert pool.get_num_free_blocks() == start
+    _assert_worker_state_follows_vllm(engine)
+
+
+def test_abort_after_compression_leaks_nothing(engine):
+    from vllm import SamplingParams
+
+    llm_engine = engine.llm_engine
+    pool = _scheduler(engine).kv_cache_manager.block_pool
+    start = pool.get_num_free_blocks()
+    for index, prompt in enumerate(_prompts(engine, 3)):
+        llm_engine.add_request(f"abort-{index}", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=50))
+    for _ in range(3):
+        llm_engine.step()
+    llm_engine.abort_request(["abort-0", "abort-2"])
+    while llm_engine.has_unfinished_requests():
+        llm_engine.step()
+    assert pool.get_num_free_blocks() == start
+    _assert_worker_state_follows_vllm(engine)

@@ -67,16 +67,17 @@ def test_dtypes(dtype: torch.dtype) -> None:
         torch.testing.assert_close(out.double().cpu(), brute_force_decode_attention(batch), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("tile_tokens", [64, 128])
 @pytest.mark.parametrize("num_splits", [1, 2, 8])
-def test_default_tile_and_split_plan(num_splits: int) -> None:
-    """The production tile (64 tokens, >= 4 tiles per split) on heads of a few hundred tokens."""
+def test_production_tiles_and_split_plan(tile_tokens: int, num_splits: int) -> None:
+    """The production tiles (64 / 128 tokens, >= 4 tiles per split) on heads of a few hundred tokens."""
     rows = [
         RowSpec(kept_len=[300, 0], dense_len=70),
         RowSpec(kept_len=[0, 0], dense_len=200),
-        RowSpec(kept_len=[64, 513], dense_len=1),
+        RowSpec(kept_len=[64, 1100], dense_len=1),
     ]
     batch = make_ragged_batch(rows, num_kv_heads=2, group=4, head_size=64, dtype=torch.float16, device=DEVICE, seed=30)
-    workspace = RaggedDecodeWorkspace(3, 8, 64, max_num_splits=8, device=DEVICE, max_partial_slots=24)
+    workspace = RaggedDecodeWorkspace(3, 8, 64, max_num_splits=8, device=DEVICE, max_partial_slots=24, tile_tokens=tile_tokens)
     assert_matches_reference(batch, run_triton(batch, workspace, num_splits))
 
 
@@ -139,9 +140,9 @@ def test_split_grid_shrinks_with_batch() -> None:
     # The default, regime-dependent plan (see the tuning notes in decode_attention.py).
     workspace = RaggedDecodeWorkspace(256, 32, 128, device=DEVICE, num_kv_heads=8)
     workspace.num_sms = 132
-    assert workspace.split_grid(1, 8) == (33, 66) and workspace.num_stages(1, 8) == 3
-    assert workspace.split_grid(16, 8) == (4, 8) and workspace.num_stages(16, 8) == 2
-    assert workspace.split_grid(64, 8) == (2, 4)
+    assert workspace.split_grid(1, 8) == (33, 66) and workspace.launch_config(1, 8) == (64, 4, 3)
+    assert workspace.split_grid(16, 8) == (4, 8) and workspace.launch_config(16, 8) == (64, 4, 2)
+    assert workspace.split_grid(64, 8) == (2, 4) and workspace.launch_config(64, 8) == (128, 8, 2)
     assert workspace.split_grid(128, 8) == (1, 1)
 
 
@@ -162,9 +163,10 @@ def test_large_random_batch_cuda(dtype: torch.dtype, group: int, head_size: int)
         rows.append(RowSpec(kept_len=kept, dense_len=int(torch.randint(1, 400, (1,), generator=generator))))
     rows.append(RowSpec(kept_len=[5000] * num_kv_heads, dense_len=4000))
     batch = make_ragged_batch(rows, num_kv_heads=num_kv_heads, group=group, head_size=head_size, dtype=dtype, device=DEVICE, seed=81)
-    workspace = RaggedDecodeWorkspace(
-        len(rows), num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads,
-        max_partial_slots=len(rows) * 32,
-    )
-    for num_splits in (None, 1, 7, 32):
-        assert_matches_reference(batch, run_triton(batch, workspace, num_splits))
+    for tile_tokens in (None, 128):  # the regime's tile (64 here) and the large-batch tile
+        workspace = RaggedDecodeWorkspace(
+            len(rows), num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads,
+            max_partial_slots=len(rows) * 32, tile_tokens=tile_tokens,
+        )
+        for num_splits in (None, 1, 7, 32):
+            assert_matches_reference(batch, run_triton(batch, workspace, num_splits))

@@ -55,6 +55,9 @@ def test_decode_reference_matches_brute_force(group: int, head_size: int, chunk_
     )
     expected = brute_force_decode_attention(batch)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    # the batched decode path (all rows at once), with chunks that split pages and heads
+    batched = ragged_decode_attention_ref(*batch.args(), chunk_tokens=chunk_tokens - 7)
+    torch.testing.assert_close(batched.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

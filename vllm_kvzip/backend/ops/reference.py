@@ -181,8 +181,8 @@ def ragged_attention_ref(
     and the dense tokens at logical positions ``<= seq_len - q_len + i``.
     Softmax in fp32; a query that sees no key gets a zero output.
     Returns ``out [num_tokens, num_q_heads, head_size]`` in the query dtype.
-    Rows are processed one after another (``ragged_decode_attention_ref`` is
-    the batched path for one query token per row).
+    Rows with one query token are batched through
+    ``ragged_decode_attention_ref``; the others are processed one by one.
     """
     num_tokens, num_q_heads, head_size = query.shape
     num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
@@ -197,11 +197,26 @@ def ragged_attention_ref(
 
     # One host copy of the small per-row metadata (this is the CPU path).
     starts = query_start_loc.tolist()
-    seq_lens_host = seq_lens.tolist()
-    dense_start_host = dense_start.tolist()
-    max_kept_host = kept_len.max(dim=1).values.tolist() if kept_len.numel() else [0] * len(seq_lens_host)
+    num_rows = len(starts) - 1
+    seq_lens_host = seq_lens[:num_rows].tolist()
+    dense_start_host = dense_start[:num_rows].tolist()
+    max_kept_host = kept_len[:num_rows].max(dim=1).values.tolist() if kept_len.numel() else [0] * num_rows
 
-    for row in range(len(seq_lens_host)):
+    # Rows with one query token (decodes) go through the batched decode path
+    # together; the others (prefills, multi-token steps) one by one below.
+    decode_rows = [row for row in range(num_rows) if starts[row + 1] - starts[row] == 1]
+    if len(decode_rows) > 1:
+        rows_index = torch.tensor(decode_rows, device=query.device)
+        tokens_index = torch.tensor([starts[row] for row in decode_rows], device=query.device)
+        metadata_index = rows_index.to(block_table.device)
+        out[tokens_index] = ragged_decode_attention_ref(
+            query[tokens_index], kv_cache, block_table[metadata_index], seq_lens[metadata_index],
+            dense_start[metadata_index], kept_len[metadata_index], page_start[metadata_index], scale,
+        )
+    batched = set(decode_rows) if len(decode_rows) > 1 else set()
+    one_by_one = [row for row in range(num_rows) if row not in batched]
+
+    for row in one_by_one:
         first_token, end_token = starts[row], starts[row + 1]
         q_len = end_token - first_token
         if q_len == 0:

@@ -430,7 +430,7 @@ def plot(results: list[dict], path: Path) -> None:
         axes[row][0].set_ylabel("us")
         axes[row][0].set_yscale("log")
         axes[row][1].set_title(f"batch {batch}: KV bytes read / time / {PEAK_BANDWIDTH / 1e12:.1f} TB/s")
-        axes[row][1].set_ylim(0, 1.05)
+        axes[row][1].set_ylim(0, 1.1)
         for axis in axes[row]:
             axis.set_xscale("log", base=2)
             axis.set_xlabel("context tokens")

@@ -49,8 +49,8 @@ POINTS = [  # (batch, context, keep); keep None = uncompressed layout
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tiles", default="64")
-    parser.add_argument("--warps", default="4")
+    parser.add_argument("--tiles", default="0", help="0 = the kernel's own regime rule")
+    parser.add_argument("--warps", default="0", help="0 = the kernel's own regime rule")
     parser.add_argument("--stages", default="0", help="0 = the kernel's own regime rule")
     parser.add_argument("--programs-per-sm", default="0", help="0 = the kernel's own regime rule")
     parser.add_argument("--min-tiles", default="4")
@@ -88,14 +88,14 @@ def main() -> None:
             query = torch.randn(batch, NUM_Q_HEADS, HEAD_SIZE, dtype=torch.bfloat16, device=device)
             out = torch.empty_like(query)
             workspace = RaggedDecodeWorkspace(
-                batch, NUM_Q_HEADS, HEAD_SIZE, device=device, tile_tokens=tile,
+                batch, NUM_Q_HEADS, HEAD_SIZE, device=device, tile_tokens=tile or None,
                 min_tiles_per_split=min_tiles, target_programs_per_sm=programs or None, num_kv_heads=NUM_KV_HEADS,
             )
 
             def call() -> None:
                 ragged_decode_attention(
                     query, pool, layout.block_table, layout.seq_lens, layout.dense_start, layout.kept_len,
-                    layout.page_start, scale, out, workspace, num_warps=warps, num_stages=stages or None,
+                    layout.page_start, scale, out, workspace, num_warps=warps or None, num_stages=stages or None,
                 )
 
             try:

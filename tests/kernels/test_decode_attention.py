@@ -67,16 +67,17 @@ def test_dtypes(dtype: torch.dtype) -> None:
         torch.testing.assert_close(out.double().cpu(), brute_force_decode_attention(batch), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("tile_tokens", [64, 128])
 @pytest.mark.parametrize("num_splits", [1, 2, 8])
-def test_default_tile_and_split_plan(num_splits: int) -> None:
-    """The production tile (64 tokens, >= 4 tiles per split) on heads of a few hundred tokens."""
+def test_production_tiles_and_split_plan(tile_tokens: int, num_splits: int) -> None:
+    """The production tiles (64 / 128 tokens, >= 4 tiles per split) on heads of a few hundred tokens."""
     rows = [
         RowSpec(kept_len=[300, 0], dense_len=70),
         RowSpec(kept_len=[0, 0], dense_len=200),
-        RowSpec(kept_len=[64, 513], dense_len=1),
+        RowSpec(kept_len=[64, 1100], dense_len=1),
     ]
     batch = make_ragged_batch(rows, num_kv_heads=2, group=4, head_size=64, dtype=torch.float16, device=DEVICE, seed=30)
-    workspace = RaggedDecodeWorkspace(3, 8, 64, max_num_splits=8, device=DEVICE, max_partial_slots=24)
+    workspace = RaggedDecodeWorkspace(3, 8, 64, max_num_splits=8, device=DEVICE, max_partial_slots=24, tile_tokens=tile_tokens)
     assert_matches_reference(batch, run_triton(batch, workspace, num_splits))
 
 
@@ -139,9 +140,9 @@ def test_split_grid_shrinks_with_batch() -> None:
     # The default, regime-dependent plan (see the tuning notes in decode_attention.py).
     workspace = RaggedDecodeWorkspace(256, 32, 128, device=DEVICE, num_kv_heads=8)
     workspace.num_sms = 132
-    assert workspace.split_grid(1, 8) == (33, 66) and workspace.num_stages(1, 8) == 3
-    assert workspace.split_grid(16, 8) == (4, 8) and workspace.num_stages(16, 8) == 2
-    assert workspace.split_grid(64, 8) == (2, 4)
+    assert workspace.split_grid(1, 8) == (33, 66) and workspace.launch_config(1, 8) == (64, 4, 3)
+    assert workspace.split_grid(16, 8) == (4, 8) and workspace.launch_config(16, 8) == (64, 4, 2)
+    assert workspace.split_grid(64, 8) == (2, 4) and workspace.launch_config(64, 8) == (128, 8, 2)
     assert workspace.split_grid(128, 8) == (1, 1)
 
 
@@ -162,9 +163,63 @@ def test_large_random_batch_cuda(dtype: torch.dtype, group: int, head_size: int)
         rows.append(RowSpec(kept_len=kept, dense_len=int(torch.randint(1, 400, (1,), generator=generator))))
     rows.append(RowSpec(kept_len=[5000] * num_kv_heads, dense_len=4000))
     batch = make_ragged_batch(rows, num_kv_heads=num_kv_heads, group=group, head_size=head_size, dtype=dtype, device=DEVICE, seed=81)
-    workspace = RaggedDecodeWorkspace(
-        len(rows), num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads,
-        max_partial_slots=len(rows) * 32,
-    )
-    for num_splits in (None, 1, 7, 32):
-        assert_matches_reference(batch, run_triton(batch, workspace, num_splits))
+    for tile_tokens in (None, 128):  # the regime's tile (64 here) and the large-batch tile
+        workspace = RaggedDecodeWorkspace(
+            len(rows), num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads,
+            max_partial_slots=len(rows) * 32, tile_tokens=tile_tokens,
+        )
+        for num_splits in (None, 1, 7, 32):
+            assert_matches_reference(batch, run_triton(batch, workspace, num_splits))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_replay_follows_new_lengths() -> None:
+    """Captured once, the launch stays correct when the metadata values (not shapes) change."""
+    num_kv_heads, group, head_size = 4, 4, 128
+    first = [RowSpec(kept_len=[500, 0, 37, 1200], dense_len=300), RowSpec(kept_len=[0] * 4, dense_len=900)]
+    second = [RowSpec(kept_len=[3, 2000, 0, 64], dense_len=17), RowSpec(kept_len=[700, 1, 1, 90], dense_len=1)]
+    batch = make_ragged_batch(first, num_kv_heads, group, head_size, dtype=torch.bfloat16, device=DEVICE, seed=90, spare_blocks=200)
+    workspace = RaggedDecodeWorkspace(2, num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads)
+    out = torch.empty_like(batch.query)
+    # Static metadata buffers, wide enough for both batches, as a model runner keeps them.
+    block_table = torch.zeros(2, 256, dtype=torch.int32, device=DEVICE)
+    static = dict(seq_lens=batch.seq_lens.clone(), dense_start=batch.dense_start.clone(),
+                  kept_len=batch.kept_len.clone(), page_start=batch.page_start.clone())
+
+    def load(source) -> None:
+        block_table.zero_()
+        block_table[:, : source.block_table.shape[1]] = source.block_table
+        for name, tensor in static.items():
+            tensor.copy_(getattr(source, name))
+
+    def launch() -> None:
+        ragged_decode_attention(
+            batch.query, batch.kv_cache, block_table, static["seq_lens"], static["dense_start"],
+            static["kept_len"], static["page_start"], batch.scale, out=out, workspace=workspace,
+        )
+
+    load(batch)
+    launch()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    for rows, seed in ((first, 90), (second, 91)):
+        # Same cache shape (spare blocks absorb the difference), new lengths and pages.
+        spare_blocks = batch.kv_cache.shape[0] - make_num_blocks(rows, num_kv_heads, seed)
+        other = make_ragged_batch(
+            rows, num_kv_heads, group, head_size, dtype=torch.bfloat16, device=DEVICE, seed=seed, spare_blocks=spare_blocks
+        )
+        batch.kv_cache.copy_(other.kv_cache)
+        batch.query.copy_(other.query)
+        load(other)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches_reference(other, out)
+
+
+def make_num_blocks(rows: list[RowSpec], num_kv_heads: int, seed: int) -> int:
+    """Blocks make_ragged_batch(seed=seed) allocates for `rows` before spares (to keep the cache shape fixed)."""
+    probe = make_ragged_batch(rows, num_kv_heads, 1, 16, dtype=torch.float32, device="cpu", seed=seed, spare_blocks=0)
+    return probe.kv_cache.shape[0]

@@ -55,6 +55,9 @@ def test_decode_reference_matches_brute_force(group: int, head_size: int, chunk_
     )
     expected = brute_force_decode_attention(batch)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    # the batched decode path (all rows at once), with chunks that split pages and heads
+    batched = ragged_decode_attention_ref(*batch.args(), chunk_tokens=chunk_tokens - 7)
+    torch.testing.assert_close(batched.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -77,14 +80,20 @@ def test_empty_head_gives_zero_not_nan() -> None:
     assert out[0, 2:].abs().sum() > 0
 
 
-def test_multi_query_reference_is_causal_over_dense_tail() -> None:
-    """Several query tokens per row: token i sees all ragged keys and dense keys up to its position."""
-    rows = [RowSpec(kept_len=[7, 0, 33], dense_len=5), RowSpec(kept_len=[0, 0, 0], dense_len=9)]
+@pytest.mark.parametrize("q_lens", [[3, 4, 2], [1, 3, 1], [1, 1, 1]])
+def test_multi_query_reference_is_causal_over_dense_tail(q_lens: list[int]) -> None:
+    """Several query tokens per row: token i sees all ragged keys and dense keys up to its position.
+
+    Mixed with one-token rows, which take the batched decode path.
+    """
+    rows = [RowSpec(kept_len=[7, 0, 33], dense_len=5), RowSpec(kept_len=[0, 0, 0], dense_len=9), RowSpec(kept_len=[40, 2, 16], dense_len=2)]
     num_kv_heads, group, head_size = 3, 2, 32
     batch = make_ragged_batch(rows, num_kv_heads=num_kv_heads, group=group, head_size=head_size, dtype=torch.float32, seed=5)
-    q_lens = [3, 4]
-    query_start_loc = torch.tensor([0, 3, 7], dtype=torch.int32)
-    query = torch.randn(7, num_kv_heads * group, head_size, generator=torch.Generator().manual_seed(6))
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + q_len)
+    query_start_loc = torch.tensor(starts, dtype=torch.int32)
+    query = torch.randn(starts[-1], num_kv_heads * group, head_size, generator=torch.Generator().manual_seed(6))
     out = ragged_attention_ref(
         query, query_start_loc, batch.kv_cache, batch.block_table, batch.seq_lens, batch.dense_start,
         batch.kept_len, batch.page_start, batch.scale,
@@ -98,10 +107,10 @@ def test_multi_query_reference_is_causal_over_dense_tail() -> None:
                 # dense keys up to logical position seq_len - q_len + i are visible
                 visible = kept + (seq_len - q_len + i) - int(batch.dense_start[row]) + 1
                 for q_head in range(head * group, (head + 1) * group):
-                    q = query[int(query_start_loc[row]) + i, q_head].double()
+                    q = query[starts[row] + i, q_head].double()
                     weights = torch.softmax((keys[:visible].double() @ q) * batch.scale, dim=0)
                     expected = weights @ values[:visible].double()
-                    torch.testing.assert_close(out[int(query_start_loc[row]) + i, q_head].double(), expected, atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(out[starts[row] + i, q_head].double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_dispatch_uses_reference_on_cpu() -> None:

@@ -51,26 +51,28 @@ import triton.language as tl
 
 LOG2_E = 1.4426950408889634
 
-# Launch parameters, tuned on an H100 (benchmarks/tune_decode_kernel.py; Llama-3.1-8B
-# shapes, bf16, batch 1..128, context 4k..128k, keep 0.1..1.0):
-# * 64-token tiles: K+V of a tile at head_size 128 in bf16 is 32 KiB, enough
-#   bytes in flight per stage; 128-token tiles won only at the largest batches.
-DEFAULT_TILE_TOKENS = 64
-# * a split handles at least 4 tiles (256 tokens): shorter splits cost more in
-#   merge traffic and per-program set-up than they gain in parallelism.
-DEFAULT_MIN_TILES_PER_SPLIT = 4
-# * split plan and pipeline depth by regime (rows * kv_heads vs the SM count):
-#   - few (row, head) pairs (< SMs / 2, e.g. batch <= 8 at 8 KV heads): the
-#     GPU is filled by splitting, about 2 programs per SM, 3 pipeline stages
-#     (more loads in flight per program);
-#   - more pairs: about 3 programs per SM, 2 stages (3 CTAs per SM fit), and
-#     at least 2 splits while pairs <= 4 * SMs, so that the row-balanced plan
-#     evens out heads of different lengths (one split per head left 8-10% on
-#     the table at batch 64 with +-40% per-head budgets).
-#   Measured: 4 or 6 programs per SM, or the other stage count, were 5-15%
-#   slower in the regime where they are not used.
+# Launch parameters, tuned on H100s (benchmarks/tune_decode_kernel.py; Llama-3.1-8B
+# shapes, bf16, batch 1..128, context 4k..128k, keep 0.1..1.0, heads +-40%).
+# They depend on the regime, i.e. the number of (row, kv head) pairs against
+# the SM count, never on lengths (CUDA-graph safe):
+# * few pairs (2 * pairs < SMs, e.g. batch <= 8 at 8 KV heads): the GPU is
+#   filled by splitting rows; 64-token tiles (K+V at head_size 128 in bf16:
+#   32 KiB per stage), 4 warps, 3 stages, about 2 programs per SM.
+# * middle (pairs < 2 * SMs): 64-token tiles, 4 warps, 2 stages (3 CTAs per
+#   SM), about 3 programs per SM.
+# * many pairs: 128-token tiles with 8 warps, 2 stages: fewer, longer loads
+#   per program, 2-5% better than 64-token tiles at batch >= 64.
+# In the middle and many regimes a (row, head) takes at least 2 splits while
+# pairs <= 4 * SMs, so the row-balanced plan evens out heads of different
+# lengths (one split per head lost 5-8% at batch 64 with +-40% budgets).
+# Each of these choices measured 5-15% better than the alternatives in its
+# regime; across two H100 machines the same code differed by up to 6% at the
+# largest shapes, so treat differences below that as noise.
+TILE_TOKENS_SMALL, TILE_TOKENS_LARGE = 64, 128
 PROGRAMS_PER_SM_FEW_PAIRS, PROGRAMS_PER_SM_MANY_PAIRS = 2, 3
-STAGES_FEW_PAIRS, STAGES_MANY_PAIRS = 3, 2
+# A split handles at least 4 tiles: shorter splits cost more in merge traffic
+# and per-program set-up than they gain in parallelism.
+DEFAULT_MIN_TILES_PER_SPLIT = 4
 DEFAULT_MAX_NUM_SPLITS = 128
 
 
@@ -349,7 +351,7 @@ class RaggedDecodeWorkspace:
         head_size: int,
         max_num_splits: int = DEFAULT_MAX_NUM_SPLITS,
         device: torch.device | str | None = None,
-        tile_tokens: int = DEFAULT_TILE_TOKENS,
+        tile_tokens: int | None = None,
         min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT,
         target_programs_per_sm: int | None = None,
         num_kv_heads: int | None = None,
@@ -359,7 +361,7 @@ class RaggedDecodeWorkspace:
             raise ValueError("max_rows, num_q_heads and max_num_splits must be >= 1")
         if head_size < 16 or head_size & (head_size - 1):
             raise ValueError(f"head_size must be a power of two >= 16, got {head_size}")
-        if tile_tokens < 16 or tile_tokens & (tile_tokens - 1):
+        if tile_tokens is not None and (tile_tokens < 16 or tile_tokens & (tile_tokens - 1)):
             raise ValueError(f"tile_tokens must be a power of two >= 16, got {tile_tokens}")
         if num_kv_heads is not None and (num_kv_heads < 1 or num_q_heads % num_kv_heads):
             raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_q_heads {num_q_heads}")
@@ -392,9 +394,16 @@ class RaggedDecodeWorkspace:
         """Whether the batch has few (row, kv head) pairs: the GPU is filled by splitting them."""
         return 2 * num_rows * num_kv_heads < self.num_sms
 
-    def num_stages(self, num_rows: int, num_kv_heads: int) -> int:
-        """Pipeline stages of the split kernel for a batch shape (see the tuning notes above)."""
-        return STAGES_FEW_PAIRS if self.few_pairs(num_rows, num_kv_heads) else STAGES_MANY_PAIRS
+    def launch_config(self, num_rows: int, num_kv_heads: int) -> tuple[int, int, int]:
+        """(tile_tokens, num_warps, num_stages) of the split kernel for a batch shape (tuning notes above)."""
+        pairs = num_rows * num_kv_heads
+        if self.few_pairs(num_rows, num_kv_heads):
+            tile, warps, stages = TILE_TOKENS_SMALL, 4, 3
+        elif pairs < 2 * self.num_sms:
+            tile, warps, stages = TILE_TOKENS_SMALL, 4, 2
+        else:
+            tile, warps, stages = TILE_TOKENS_LARGE, 8, 2
+        return (self.tile_tokens or tile), warps, stages
 
     def split_grid(self, num_rows: int, num_kv_heads: int) -> tuple[int, int]:
         """(nominal_splits, grid_splits) for a batch shape (shapes only: CUDA-graph safe).
@@ -473,7 +482,7 @@ def ragged_decode_attention(
     out: torch.Tensor,
     workspace: RaggedDecodeWorkspace,
     num_splits: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of ``query [num_rows, num_q_heads, head_size]`` into ``out``.
@@ -497,9 +506,9 @@ def ragged_decode_attention(
             raise ValueError(f"num_splits must be in 1..{workspace.max_num_splits}, got {num_splits}")
         nominal_splits, grid_splits = max(1, num_splits // 2), num_splits
     single_split = grid_splits == 1
-    if num_stages is None:
-        num_stages = workspace.num_stages(num_rows, num_kv_heads)
-    tile = workspace.tile_tokens
+    tile, default_warps, default_stages = workspace.launch_config(num_rows, num_kv_heads)
+    num_warps = num_warps or default_warps
+    num_stages = num_stages or default_stages
     # fp32 caches (tests, CPU-like numerics) get exact fp32 dots instead of TF32.
     dot_precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
     # Triton's CPU interpreter (tests) computes bf16 dots wrongly (it reads the

@@ -25,6 +25,8 @@ def _cuda_extensions():
         # A CPU-only machine with nvcc (CI) would spend minutes compiling a
         # kernel it can never run; VLLM_KVZIP_BUILD_CUDA=1 forces the build.
         return [], {}
+    if not os.path.isdir("csrc"):
+        return [], {}
     sources = [os.path.join("csrc", name) for name in sorted(os.listdir("csrc")) if name.endswith((".cu", ".cpp"))]
     if not sources:
         return [], {}

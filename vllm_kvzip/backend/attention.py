@@ -17,6 +17,7 @@ The backend / metadata builder / impl triad of vLLM's own backends:
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -112,6 +113,11 @@ class KVzipAttentionMetadataBuilder(AttentionMetadataBuilder):
 class KVzipAttentionImpl(AttentionImpl):
     def __init__(self, *args, **kwargs) -> None:
         _, _, dense_impl_cls = _dense_triad()
+        # The layer passes what TRITON_ATTN (our backend's base) accepts; keep
+        # only the keyword arguments the dense backend's impl takes.
+        accepted = inspect.signature(dense_impl_cls.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            kwargs = {key: value for key, value in kwargs.items() if key in accepted}
         self.dense = dense_impl_cls(*args, **kwargs)
         self.num_heads = self.dense.num_heads
         self.num_kv_heads = self.dense.num_kv_heads

@@ -20,11 +20,12 @@ def install() -> None:
     with _install_lock:
         if _installed:
             return
-        from vllm_kvzip.adapter import cli, kv_cache_api, registry, runner_hooks, vllm_api
+        from vllm_kvzip.adapter import cli, engine, kv_cache_api, registry, runner_hooks, vllm_api
 
         vllm_api.check_vllm_version()
         registry.register_attention_backends()
         cli.install_engine_args_hooks()
+        engine.install_request_validation()
         kv_cache_api.install_kv_cache_hooks()
         runner_hooks.install_runner_hooks()
         # Registers KVzipAttentionSpec -> KVzipManager with vLLM's spec registry.

@@ -181,3 +181,27 @@ def _check_method_assets(config: KVCompressionConfig, model_config: Any) -> None
             load_surrogate(config, model_config)
         except (KVzapCheckpointError, OSError, ValueError) as exc:
             raise KVCompressionConfigError(f"--kv-compression-surrogate: {exc}") from None
+
+
+def install_request_validation() -> None:
+    """Check per-request settings (vllm_xargs / SamplingParams.extra_args) where vLLM checks its own.
+
+    A bad value raises ValueError in the API process: the OpenAI server answers
+    HTTP 400 and the engine never sees the request.
+    """
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if getattr(InputProcessor, "_vllm_kvzip_hooked", False):
+        return
+    from vllm_kvzip.config import request_keep_ratio
+
+    original_validate_params = InputProcessor._validate_params
+
+    def _validate_params(self, params, *args, **kwargs):
+        original_validate_params(self, params, *args, **kwargs)
+        if isinstance(params, SamplingParams) and params.extra_args:
+            request_keep_ratio(kv_compression_config(self.vllm_config), params.extra_args)
+
+    InputProcessor._validate_params = _validate_params
+    InputProcessor._vllm_kvzip_hooked = True

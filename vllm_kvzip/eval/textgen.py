@@ -10,7 +10,6 @@ in characters, so the output is a pure function of the seed.
 from __future__ import annotations
 
 import random
-import string
 from typing import Callable
 
 NOUNS = (
@@ -169,6 +168,3 @@ def calibration_texts(seed: int, count: int, num_chars: int) -> list[tuple[str, 
         texts.append((kind, GENERATORS[kind](rng, length)))
     return texts
 
-
-def random_word(rng: random.Random, length: int = 6) -> str:
-    return "".join(rng.choice(string.ascii_lowercase) for _ in range(length))

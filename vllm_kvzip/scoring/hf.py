@@ -94,6 +94,8 @@ class PromptTemplate:
 # Attention functions registered with transformers
 # ---------------------------------------------------------------------------------
 LayerCallback = Callable[[nn.Module, Tensor, Tensor, Tensor, float], None]
+# The attention function is a global registration, so the active scoring
+# callback is module state: one capture at a time per process (batch size 1).
 _active_callback: LayerCallback | None = None
 
 
@@ -342,6 +344,18 @@ class KVzipCache:
     def kv_bytes(self) -> int:
         """Bytes of K and V actually held (kept rows + appended tail)."""
         return self.cache.nbytes()
+
+    def report(self) -> dict[str, float | int]:
+        """KV bytes held vs. before pruning, and the kept fraction of the context's (layer, head, token) pairs."""
+        kept = 1.0 if self.keep_set is None else float(self.keep_set.mask.float().mean())
+        return {
+            "kv_bytes": self.kv_bytes(),
+            "full_kv_bytes": self.full_kv_bytes,
+            "kv_bytes_fraction": self.kv_bytes() / self.full_kv_bytes,
+            "context_kept_fraction": kept,
+            "context_tokens": self.context_length,
+            "prefix_tokens": self.prefix_length,
+        }
 
     def keep_set_for(
         self,

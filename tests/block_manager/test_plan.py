@@ -48,6 +48,8 @@ def test_plan_packs_exactly_the_kept_tokens(num_kv_heads, evictable_blocks, bloc
     assert geometry.evictable_tokens == evictable
     budget = geometry.layer_budget
     # Split the layer budget between heads, each head at most `evictable`.
+    if split == "one_token_head" and budget < 1:
+        split = "uniform"  # no budget to give a head its one token
     if split == "uniform":
         counts = [geometry.per_head_budget] * num_kv_heads
     else:
@@ -106,3 +108,28 @@ def test_geometry_examples():
     assert geometry.freed_blocks == 377 and geometry.compresses
     assert not CompressionGeometry(num_tokens=100, block_size=16, window=128, keep_ratio=0.1, num_kv_heads=8).compresses
     assert not CompressionGeometry(num_tokens=4096, block_size=16, window=128, keep_ratio=1.0, num_kv_heads=8).compresses
+
+
+def test_request_plan_packs_every_layer_into_its_own_cache():
+    from vllm_kvzip.block_manager.plan import plan_request_compaction
+
+    generator = torch.Generator().manual_seed(7)
+    num_layers, num_kv_heads, block_size, evictable_blocks = 3, 2, 4, 6
+    evictable = evictable_blocks * block_size
+    keep = torch.rand(num_layers, num_kv_heads, evictable, generator=generator) < 0.3
+    keep[1, 0] = False  # a head that keeps nothing
+    keep[2, 1] = False
+    keep[2, 1, 5] = True  # a head that keeps one token
+    block_ids = torch.randperm(20, generator=generator)[: evictable_blocks + 1].to(torch.int32)
+    caches = [torch.randn(20, num_kv_heads, block_size, 4, generator=generator) for _ in range(num_layers)]
+    originals = [cache.clone() for cache in caches]
+    plan = plan_request_compaction(keep, block_ids, num_containers=evictable_blocks, block_size=block_size)
+    assert plan.moves_per_layer == keep.sum(dim=(1, 2)).tolist()
+    for layer in range(num_layers):
+        layer_plan = plan.layer(layer)
+        _apply(caches[layer], layer_plan)
+        for head in range(num_kv_heads):
+            positions = keep[layer, head].nonzero().flatten()
+            expected = originals[layer][block_ids[positions // block_size].long(), head, positions % block_size]
+            got = _head_tokens(caches[layer], layer_plan, head, block_ids, block_size)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -18,7 +18,7 @@ import torch
 from vllm_kvzip.backend.ops import compact_kv
 from vllm_kvzip.backend.state import WorkerCompressionState
 from vllm_kvzip.block_manager.geometry import CompressionGeometry
-from vllm_kvzip.block_manager.plan import dense_flat_slots, plan_layer_compaction
+from vllm_kvzip.block_manager.plan import dense_flat_slots, plan_request_compaction
 from vllm_kvzip.scoring.context import context_scores
 from vllm_kvzip.scoring.policies import keep_by_ratio
 
@@ -79,15 +79,16 @@ def compress_request(
 
     if state.recorded_keep_sets is not None:
         state.recorded_keep_sets[request_id] = keep.cpu()
+    plan = plan_request_compaction(keep, block_table, geometry.container_blocks, state.block_size)
     slot = state.table.acquire()
-    kept_total = 0
-    for layer, name in enumerate(state.layer_names):
-        plan = plan_layer_compaction(keep[layer], block_table, geometry.container_blocks, state.block_size)
-        compact_kv(kv_caches[name], plan.src_slots, plan.dst_slots)
-        state.table.kept_len[slot, layer] = plan.kept_len
-        state.table.page_start[slot, layer] = plan.page_start
-        kept_total += int(plan.src_slots.numel())
+    start = 0
+    for name, moves in zip(state.layer_names, plan.moves_per_layer):
+        compact_kv(kv_caches[name], plan.src_slots[start : start + moves], plan.dst_slots[start : start + moves])
+        start += moves
+    state.table.kept_len[slot] = plan.kept_len
+    state.table.page_start[slot] = plan.page_start
     state.table.dense_start[slot] = geometry.evictable_tokens
+    kept_total = start
     entry.slot = slot
     entry.kept_tokens = kept_total
     entry.evictable_tokens = evictable

@@ -57,35 +57,68 @@ def page_flat_slots(
     return (blocks * num_kv_heads + pages % num_kv_heads) * block_size + offsets
 
 
-def plan_layer_compaction(
-    keep: torch.Tensor, block_ids: torch.Tensor, num_containers: int, block_size: int
-) -> LayerCompactionPlan:
-    """Plan the moves that pack one layer's kept tokens into head pages.
+@dataclass
+class RequestCompactionPlan:
+    """Moves for every layer of one request (layer-major), with each layer's share."""
 
-    keep: [num_kv_heads, evictable_tokens] bool, evictable_tokens a multiple of
-        block_size: which tokens of the evictable prefix each head keeps.
+    kept_len: torch.Tensor  # [num_layers, num_kv_heads] int32
+    page_start: torch.Tensor  # [num_layers, num_kv_heads] int32
+    src_slots: torch.Tensor  # [num_moves] int64, layer 0's moves first
+    dst_slots: torch.Tensor  # [num_moves] int64
+    moves_per_layer: list[int]
+
+    def layer(self, index: int) -> LayerCompactionPlan:
+        start = sum(self.moves_per_layer[:index])
+        end = start + self.moves_per_layer[index]
+        return LayerCompactionPlan(
+            kept_len=self.kept_len[index],
+            page_start=self.page_start[index],
+            src_slots=self.src_slots[start:end],
+            dst_slots=self.dst_slots[start:end],
+        )
+
+
+def plan_request_compaction(
+    keep: torch.Tensor, block_ids: torch.Tensor, num_containers: int, block_size: int
+) -> RequestCompactionPlan:
+    """Plan the moves that pack every layer's kept tokens into its head pages.
+
+    keep: [num_layers, num_kv_heads, evictable_tokens] bool, evictable_tokens a
+        multiple of block_size: which tokens of the evictable prefix each head keeps.
     block_ids: the request's block ids (logical order), at least
         evictable_tokens / block_size of them; the first `num_containers`
-        become head-page containers.
+        become head-page containers in every layer.
     Kept tokens stay in position order inside each head.  Sources and
     destinations overlap (the containers are the request's first blocks), so
-    the moves must be applied gather-then-scatter.
+    the moves must be applied gather-then-scatter.  Vectorised over layers: two
+    host synchronisations per request, whatever the number of layers.
     """
-    num_kv_heads, evictable = keep.shape
+    num_layers, num_kv_heads, evictable = keep.shape
     if evictable % block_size:
         raise ValueError(f"evictable length {evictable} is not a multiple of block_size {block_size}")
     kept_len = keep.sum(dim=-1, dtype=torch.int32)
-    page_start = page_starts(kept_len, block_size).to(torch.int32)
-    total_pages = int(pages_per_head(kept_len, block_size).sum())
-    if total_pages > num_containers * num_kv_heads:
-        raise ValueError(
-            f"layer needs {total_pages} head pages but {num_containers} container blocks hold "
-            f"{num_containers * num_kv_heads}"
-        )
-    heads, positions = keep.nonzero(as_tuple=True)
-    # Rank of each kept token inside its head (nonzero() is row-major, so in position order).
-    rank = torch.cumsum(keep.to(torch.int32), dim=-1)[heads, positions] - 1
+    pages = pages_per_head(kept_len, block_size)
+    page_start = (torch.cumsum(pages, dim=-1) - pages).to(torch.int32)
+    # One host copy: pages and moves per layer.
+    per_layer = torch.stack([pages.sum(dim=-1), kept_len.sum(dim=-1)]).tolist()
+    capacity = num_containers * num_kv_heads
+    for layer, layer_pages in enumerate(per_layer[0]):
+        if layer_pages > capacity:
+            raise ValueError(
+                f"layer {layer} needs {layer_pages} head pages but {num_containers} container blocks hold {capacity}"
+            )
+    layers, heads, positions = keep.nonzero(as_tuple=True)  # layer-major, then head, then position
+    rank = torch.cumsum(keep.to(torch.int32), dim=-1)[layers, heads, positions] - 1
     src = dense_flat_slots(positions, heads, block_ids, num_kv_heads, block_size)
-    pages = page_start.to(torch.int64)[heads] + rank // block_size
-    dst = page_flat_slots(pages, (rank % block_size).to(torch.int64), block_ids, num_kv_heads, block_size)
-    return LayerCompactionPlan(kept_len=kept_len, page_start=page_start, src_slots=src, dst_slots=dst)
+    linear_pages = page_start.to(torch.int64)[layers, heads] + rank // block_size
+    dst = page_flat_slots(linear_pages, (rank % block_size).to(torch.int64), block_ids, num_kv_heads, block_size)
+    return RequestCompactionPlan(
+        kept_len=kept_len, page_start=page_start, src_slots=src, dst_slots=dst, moves_per_layer=per_layer[1]
+    )
+
+
+def plan_layer_compaction(
+    keep: torch.Tensor, block_ids: torch.Tensor, num_containers: int, block_size: int
+) -> LayerCompactionPlan:
+    """`plan_request_compaction` for one layer: keep is [num_kv_heads, evictable_tokens]."""
+    return plan_request_compaction(keep[None], block_ids, num_containers, block_size).layer(0)

@@ -33,7 +33,7 @@ from vllm_kvzip.adapter.attention_api import (
 from vllm_kvzip.adapter.engine import kv_compression_config
 from vllm_kvzip.backend.common import KVzipAttentionMetadata, RowGatherBuffers, count_decode_rows
 from vllm_kvzip.backend.ops import ragged_decode_attention
-from vllm_kvzip.backend.state import WorkerCompressionState, get_state, set_state
+from vllm_kvzip.backend.state import get_state, install_state
 
 _TritonBackend, _TritonBuilder, _TritonImpl, _TritonMetadata = triton_backend()
 
@@ -56,29 +56,17 @@ class KVzipAttentionMetadataBuilder(AttentionMetadataBuilder):
         _, dense_builder_cls, _ = _dense_triad()
         self.dense_builder = dense_builder_cls(kv_cache_spec, layer_names, vllm_config, device)
         self.compression = kv_compression_config(vllm_config)
-        max_rows = vllm_config.scheduler_config.max_num_seqs
-        model_config = vllm_config.model_config
-        state = WorkerCompressionState(
-            config=self.compression,
-            layer_names=layer_names,
-            num_kv_heads=kv_cache_spec.num_kv_heads,
-            head_size=kv_cache_spec.head_size,
-            block_size=kv_cache_spec.block_size,
-            max_num_seqs=max_rows,
-            device=torch.device(device),
-        )
+        state = install_state(self.compression, kv_cache_spec, layer_names, vllm_config, device)
         from vllm_kvzip.backend.ops.decode_attention import RaggedDecodeWorkspace
 
         state.decode_workspace = RaggedDecodeWorkspace(
-            max_rows=max_rows,
-            num_q_heads=model_config.get_num_attention_heads(vllm_config.parallel_config),
+            max_rows=state.table.num_slots - 1,
+            num_q_heads=vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config),
             head_size=kv_cache_spec.head_size,
             num_kv_heads=kv_cache_spec.num_kv_heads,
             device=device,
         )
-        state.load_method_assets(vllm_config.model_config)
-        set_state(state)
-        self.rows = RowGatherBuffers(state, max_rows)
+        self.rows = RowGatherBuffers(state, state.table.num_slots - 1)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> KVzipAttentionMetadata:
         metadata = common_attn_metadata

@@ -56,18 +56,17 @@ class RowGatherBuffers:
         self.dense_start = torch.zeros(max_rows, dtype=torch.int32, device=device)
         self.kept_len = torch.zeros(max_rows, state.num_layers, state.num_kv_heads, dtype=torch.int32, device=device)
         self.page_start = torch.zeros_like(self.kept_len)
-        self._host_slots = torch.zeros(max_rows, dtype=torch.int64, pin_memory=device.type == "cuda")
 
     def gather(self, request_ids: list[str] | None, num_rows: int, num_rows_padded: int) -> None:
         """Fill rows [0, num_rows_padded) from the page table; unknown and padding rows are dense."""
         state = self.state
-        host = self._host_slots
-        host[:num_rows_padded].fill_(DENSE_SLOT)
-        if request_ids is not None and len(request_ids) >= num_rows:
-            for row in range(num_rows):
-                host[row] = state.slot_of(request_ids[row])
+        known = min(num_rows, len(request_ids)) if request_ids else 0
+        row_slots = [state.slot_of(request_id) for request_id in request_ids[:known]] if known else []
+        row_slots += [DENSE_SLOT] * (num_rows_padded - known)
         slots = self.row_slots[:num_rows_padded]
-        slots.copy_(host[:num_rows_padded], non_blocking=True)
+        # From pageable memory: the copy stages the data before returning, so the
+        # list can go away while the GPU is still behind (async scheduling).
+        slots.copy_(torch.tensor(row_slots, dtype=torch.int64), non_blocking=True)
         table = state.table
         torch.index_select(table.dense_start, 0, slots, out=self.dense_start[:num_rows_padded])
         torch.index_select(table.kept_len, 0, slots, out=self.kept_len[:num_rows_padded])

@@ -20,7 +20,7 @@ from vllm_kvzip.adapter.attention_api import cpu_backend
 from vllm_kvzip.adapter.engine import kv_compression_config
 from vllm_kvzip.backend.common import KVzipAttentionMetadata, RowGatherBuffers
 from vllm_kvzip.backend.ops.reference import flat_kv_rows, ragged_attention_ref
-from vllm_kvzip.backend.state import WorkerCompressionState, get_state, set_state
+from vllm_kvzip.backend.state import get_state, install_state
 
 _CPUBackend, _CPUBuilder, _CPUImpl, _CPUMetadata = cpu_backend()
 
@@ -31,19 +31,8 @@ class KVzipCPUAttentionMetadataBuilder(_CPUBuilder):
         self.compression = kv_compression_config(vllm_config)
         if not self.compression.enabled:
             return
-        max_rows = vllm_config.scheduler_config.max_num_seqs
-        state = WorkerCompressionState(
-            config=self.compression,
-            layer_names=layer_names,
-            num_kv_heads=kv_cache_spec.num_kv_heads,
-            head_size=kv_cache_spec.head_size,
-            block_size=kv_cache_spec.block_size,
-            max_num_seqs=max_rows,
-            device=torch.device(device),
-        )
-        state.load_method_assets(vllm_config.model_config)
-        set_state(state)
-        self.rows = RowGatherBuffers(state, max_rows)
+        state = install_state(self.compression, kv_cache_spec, layer_names, vllm_config, device)
+        self.rows = RowGatherBuffers(state, state.table.num_slots - 1)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         if not self.compression.enabled:

@@ -164,6 +164,22 @@ class WorkerCompressionState:
         return DENSE_SLOT if entry is None else entry.slot
 
 
+def install_state(config: KVCompressionConfig, kv_cache_spec, layer_names, vllm_config, device) -> WorkerCompressionState:
+    """Build this worker's state from a metadata builder's arguments and make it current."""
+    state = WorkerCompressionState(
+        config=config,
+        layer_names=layer_names,
+        num_kv_heads=kv_cache_spec.num_kv_heads,
+        head_size=kv_cache_spec.head_size,
+        block_size=kv_cache_spec.block_size,
+        max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+        device=torch.device(device),
+    )
+    state.load_method_assets(vllm_config.model_config)
+    set_state(state)
+    return state
+
+
 def logger():
     from vllm_kvzip.adapter.vllm_api import get_logger
 

@@ -337,10 +337,6 @@ class KVzipCache:
         # update_cache=True: the last generated token, fed with the next query.
         self.pending_ids: list[int] = []
 
-    @property
-    def pruned_state(self) -> bool:
-        return self.keep_set is not None
-
     def kv_bytes(self) -> int:
         """Bytes of K and V actually held (kept rows + appended tail)."""
         return self.cache.nbytes()

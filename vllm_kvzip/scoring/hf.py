@@ -305,10 +305,6 @@ class RaggedKVCache(Cache):
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
-    def kept_counts(self) -> Tensor:
-        """[L, H] rows kept per (layer, head), tail excluded."""
-        return torch.stack([layer.lengths.cpu() for layer in self.layers])
-
 
 # ---------------------------------------------------------------------------------
 # User-facing KV object

@@ -72,6 +72,10 @@ def tiny_model(architecture: str, vocab_size: int, *, layers: int = 2, dtype: to
     return model.to(dtype).eval()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes minutes on CPU (deselect with -m 'not slow')")
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return byte_tokenizer()

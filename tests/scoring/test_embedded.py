@@ -13,6 +13,7 @@ MODEL_DIR = embedded_model_dir()
 pytestmark = pytest.mark.skipif(MODEL_DIR is None, reason="embedded model not available (set VLLM_KVZIP_MODEL_DIR)")
 
 
+@pytest.mark.slow  # about 3.5 minutes on 2 CPU cores
 def test_kvzip_keep_03_answers_what_the_full_cache_answers():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,9 +22,11 @@ def test_kvzip_keep_03_answers_what_the_full_cache_answers():
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
     kvzip_model = KVzipModel(model, tokenizer, model_name="SmolLM2-135M-Instruct")
+    # 3 examples per task give ~20 questions that the full cache answers: the
+    # 95% bar then tolerates one miss (with ~14, a single miss already fails it).
     examples = make_dataset(
         seed=1,
-        examples_per_task=2,
+        examples_per_task=3,
         tasks=("needle", "multikey", "uuid_kv", "profile"),
         token_budget=700,
         count_tokens=lambda text: len(tokenizer(text)["input_ids"]),
@@ -43,7 +46,7 @@ def test_kvzip_keep_03_answers_what_the_full_cache_answers():
                 full_correct += 1
                 kept_correct += is_correct(pruned_answer, question)
     # The model must answer enough questions for the comparison to mean something.
-    assert full_correct >= 8, f"full cache answered only {full_correct} questions"
+    assert full_correct >= 15, f"full cache answered only {full_correct} questions"
     assert kept_correct >= 0.95 * full_correct, f"KVzip@0.3 kept {kept_correct}/{full_correct} (context KV kept: {kept_fractions})"
     # The ratio counts evictable tokens only; with ~700-token contexts and a 128-token window
     # the kept fraction of the context is about 0.3 + 0.7 * 128 / 700 ~ 0.43.

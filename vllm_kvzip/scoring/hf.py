@@ -305,10 +305,6 @@ class RaggedKVCache(Cache):
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
-    def kept_counts(self) -> Tensor:
-        """[L, H] rows kept per (layer, head), tail excluded."""
-        return torch.stack([layer.lengths.cpu() for layer in self.layers])
-
 
 # ---------------------------------------------------------------------------------
 # User-facing KV object
@@ -336,10 +332,6 @@ class KVzipCache:
         self.full_kv_bytes = cache.nbytes()
         # update_cache=True: the last generated token, fed with the next query.
         self.pending_ids: list[int] = []
-
-    @property
-    def pruned_state(self) -> bool:
-        return self.keep_set is not None
 
     def kv_bytes(self) -> int:
         """Bytes of K and V actually held (kept rows + appended tail)."""

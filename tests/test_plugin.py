@@ -109,9 +109,9 @@ def _engine_config(model, kv_compression, **kwargs):
 
 
 def test_engine_config_carries_the_validated_settings(embedded_model):
-    vllm_config = _engine_config(embedded_model, {"method": "kvzip", "ratio": "0.25"})
+    vllm_config = _engine_config(embedded_model, {"method": "streaming", "ratio": "0.25"})
     settings = vllm_config.additional_config["kv_compression"]
-    assert settings["method"] == "kvzip" and settings["keep_ratio"] == 0.25 and settings["window"] == 128
+    assert settings["method"] == "streaming" and settings["keep_ratio"] == 0.25 and settings["window"] == 128
     assert vllm_config.cache_config.enable_prefix_caching is False
 
 
@@ -122,12 +122,12 @@ def test_engine_config_untouched_when_compression_is_off(embedded_model):
 
 def test_explicit_prefix_caching_is_refused(embedded_model):
     with pytest.raises(KVCompressionConfigError, match="--enable-prefix-caching cannot be combined"):
-        _engine_config(embedded_model, {"method": "kvzip"}, enable_prefix_caching=True)
+        _engine_config(embedded_model, {"method": "streaming"}, enable_prefix_caching=True)
 
 
 def test_window_must_fit_the_model(embedded_model):
     with pytest.raises(KVCompressionConfigError, match=r"--kv-compression-window 4000 .*--max-model-len 2048"):
-        _engine_config(embedded_model, {"method": "kvzip", "window": 4000})
+        _engine_config(embedded_model, {"method": "streaming", "window": 4000})
 
 
 def _model_variant(embedded_model, tmp_path, **config_changes):
@@ -145,10 +145,10 @@ def _model_variant(embedded_model, tmp_path, **config_changes):
 def test_unsupported_head_size_is_refused(embedded_model, tmp_path):
     model = _model_variant(embedded_model, tmp_path, head_dim=96, num_attention_heads=6, num_key_value_heads=2)
     with pytest.raises(KVCompressionConfigError, match="head size 96 is not supported; supported head sizes: 64, 128"):
-        _engine_config(model, {"method": "kvzip"})
+        _engine_config(model, {"method": "streaming"})
 
 
 def test_unsupported_architecture_is_refused(embedded_model, tmp_path):
     model = _model_variant(embedded_model, tmp_path, architectures=["GemmaForCausalLM"], model_type="gemma")
     with pytest.raises(KVCompressionConfigError, match="architecture .*GemmaForCausalLM.* is not supported"):
-        _engine_config(model, {"method": "kvzip"})
+        _engine_config(model, {"method": "streaming"})

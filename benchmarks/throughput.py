@@ -62,9 +62,17 @@ WORKLOADS = {
     "8k": (128, 8192, 256),
     "32k": (48, 32000, 256),
     "smoke": (4, 600, 16),
+    # Long generations (issue: decode-time eviction): the KV grows while decoding.
+    "long": (128, 512, 8192),
+    "long-smoke": (4, 256, 600),
 }
-METHODS = ("FLASH_ATTN", "TRITON_ATTN", "kvzap-mlp", "streaming")
+# kvzap-threshold: KVzap-MLP in threshold mode (prefill only); kvzap-dms: the same with
+# decode-time eviction (--kv-compression-decode-eviction).
+METHODS = ("FLASH_ATTN", "TRITON_ATTN", "kvzap-mlp", "streaming", "kvzap-threshold", "kvzap-dms")
 KEEP_RATIO = 0.25
+# Log-score threshold of the threshold-mode methods.  The surrogate's weights are random here,
+# so the kept fraction is measured and reported, not assumed.
+DEFAULT_THRESHOLD = 0.0
 
 
 def make_dummy_model(folder: Path, tokenizer_source: str | None) -> str:
@@ -108,6 +116,12 @@ def run_point(args: argparse.Namespace) -> dict:
     )
     if args.method in ("FLASH_ATTN", "TRITON_ATTN"):
         kwargs["attention_backend"] = args.method
+    elif args.method in ("kvzap-threshold", "kvzap-dms"):
+        settings = {
+            "method": "kvzap-mlp", "threshold": args.threshold, "surrogate": args.surrogate,
+            "decode_eviction": args.method == "kvzap-dms",
+        }
+        kwargs["additional_config"] = {"kv_compression": settings}
     else:
         settings = {"method": args.method, "keep_ratio": KEEP_RATIO}
         if args.method.startswith("kvzap"):
@@ -138,6 +152,19 @@ def run_point(args: argparse.Namespace) -> dict:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - started
     output_tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
+    compression = {}
+    try:  # in-process engine only (VLLM_ENABLE_V1_MULTIPROCESSING=0): the plugin's own counters
+        from vllm_kvzip.backend.state import get_state
+
+        state = get_state()
+        if state is not None and state.total_evictable_tokens:
+            compression = {
+                "kept_fraction_at_prefill": state.total_kept_tokens / state.total_evictable_tokens,
+                "freed_blocks": state.total_freed_blocks,
+                "decode_foldings": state.total_retirements,
+            }
+    except ImportError:
+        pass
     # vLLM's own admission bound for this pool (uncompressed requests).
     max_concurrency = num_blocks * block_size / (prompt_len + output_len)
     return {
@@ -155,7 +182,9 @@ def run_point(args: argparse.Namespace) -> dict:
         "kv_cache_blocks": num_blocks,
         "block_size": block_size,
         "max_concurrency_uncompressed": max_concurrency,
-        "keep_ratio": None if args.method in ("FLASH_ATTN", "TRITON_ATTN") else KEEP_RATIO,
+        "keep_ratio": KEEP_RATIO if args.method in ("kvzap-mlp", "streaming") else None,
+        "threshold": args.threshold if args.method in ("kvzap-threshold", "kvzap-dms") else None,
+        **compression,
     }
 
 
@@ -170,6 +199,7 @@ def main() -> int:
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--tag", default="", help="suffix of the output files")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per point")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="log-score threshold of kvzap-threshold/-dms")
     # child mode
     parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -195,7 +225,7 @@ def main() -> int:
                 sys.executable, __file__, "--point", "--workload", workload, "--method", method, "--model", model,
                 "--surrogate", surrogate, "--result-file", str(result_file),
                 "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-                "--prefill-requests", str(args.prefill_requests),
+                "--prefill-requests", str(args.prefill_requests), "--threshold", str(args.threshold),
             ]
             print(f"== {workload} / {method}", flush=True)
             started = time.perf_counter()
@@ -232,7 +262,8 @@ def main() -> int:
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "throughput" + (f"_{args.tag}" if args.tag else "")
+    long_only = all(workload.startswith("long") for workload in args.workloads)
+    stem = ("long_generation" if long_only else "throughput") + (f"_{args.tag}" if args.tag else "")
     payload = {
         "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
         "model": "Llama-3.1-8B config, dummy weights, bf16",

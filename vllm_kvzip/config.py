@@ -315,3 +315,14 @@ def request_keep_ratio(config: KVCompressionConfig, extra_args: dict[str, Any] |
             f"vllm_xargs {REQUEST_RATIO_KEY}: {ratio!r} is outside the valid range 0 < ratio <= 1"
         )
     return value
+
+
+def request_uses_threshold(config: KVCompressionConfig, extra_args: dict[str, Any] | None) -> bool:
+    """Threshold mode (KVzap / DMS) applies to this request: the engine runs in it and the request did not opt out.
+
+    Validates `extra_args` like `request_keep_ratio` (same errors).
+    """
+    request_keep_ratio(config, extra_args)
+    if not config.threshold_mode:
+        return False
+    return (extra_args or {}).get(REQUEST_METHOD_KEY) != "none"

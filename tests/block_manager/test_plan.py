@@ -133,3 +133,66 @@ def test_request_plan_packs_every_layer_into_its_own_cache():
             expected = originals[layer][block_ids[positions // block_size].long(), head, positions % block_size]
             got = _head_tokens(caches[layer], layer_plan, head, block_ids, block_size)
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# ---- threshold mode: folding dense blocks into the head pages, repeatedly ---------------
+@settings(max_examples=60, deadline=None)
+@given(
+    num_layers=st.integers(1, 3),
+    num_kv_heads=st.integers(1, 4),
+    block_size=st.sampled_from([1, 4, 16]),
+    foldings=st.lists(st.tuples(st.integers(1, 6), st.floats(0.0, 1.0)), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_repeated_retirements_keep_every_kept_token_in_order(num_layers, num_kv_heads, block_size, foldings, seed):
+    """Each folding re-packs old kept tokens + newly kept ones into the fewest containers;
+    the content of every (layer, head) read back through the page layout is exactly
+    its kept tokens in position order, and blocks never used as containers are free."""
+    from vllm_kvzip.block_manager.plan import containers_needed, plan_retirement
+
+    generator = torch.Generator().manual_seed(seed)
+    total_blocks = sum(blocks for blocks, _ in foldings)
+    # Physical ids shuffled: logical order != physical order.
+    physical = torch.randperm(total_blocks + 5, generator=generator)[:total_blocks]
+    width = 2
+    # One cache per layer; token (layer, head, position) has the value (position + 1) * 10 + head.
+    caches = [torch.zeros(total_blocks + 5, num_kv_heads, block_size, width) for _ in range(num_layers)]
+    for layer_cache in caches:
+        for logical in range(total_blocks):
+            for head in range(num_kv_heads):
+                positions = torch.arange(logical * block_size, (logical + 1) * block_size, dtype=torch.float32)
+                layer_cache[physical[logical], head, :, 0] = (positions + 1) * 10 + head
+    kept_len = torch.zeros(num_layers, num_kv_heads, dtype=torch.int32)
+    page_start = torch.zeros_like(kept_len)
+    containers = torch.zeros(0, dtype=torch.int64)
+    expected = [[[] for _ in range(num_kv_heads)] for _ in range(num_layers)]
+    start_block = 0
+    for blocks, keep_probability in foldings:
+        retired = physical[start_block : start_block + blocks]
+        keep = torch.rand(num_layers, num_kv_heads, blocks * block_size, generator=generator) < keep_probability
+        try:
+            plan = plan_retirement(kept_len, page_start, containers, keep, retired, block_size)
+        except ValueError:
+            # More containers than the retired blocks can give: only possible when nothing is freed.
+            needed = containers_needed(kept_len.long() + keep.sum(-1), block_size)
+            assert needed - containers.numel() > blocks
+            return
+        for layer in range(num_layers):
+            begin = sum(plan.moves_per_layer[:layer])
+            end = begin + plan.moves_per_layer[layer]
+            _apply(caches[layer], type("P", (), {"src_slots": plan.src_slots[begin:end], "dst_slots": plan.dst_slots[begin:end]}))
+            for head in range(num_kv_heads):
+                positions = (keep[layer, head].nonzero().flatten() + start_block * block_size).tolist()
+                expected[layer][head] += [(p + 1) * 10 + head for p in positions]
+        containers = torch.cat([containers, retired[: plan.new_containers]])
+        assert plan.num_containers == containers.numel() == containers_needed(plan.kept_len, block_size)
+        kept_len, page_start = plan.kept_len, plan.page_start
+        start_block += blocks
+        for layer in range(num_layers):
+            layer_plan = type("L", (), {"kept_len": kept_len[layer], "page_start": page_start[layer]})
+            for head in range(num_kv_heads):
+                tokens = _head_tokens(caches[layer], layer_plan, head, containers, block_size)[:, 0]
+                assert tokens.tolist() == expected[layer][head]
+            # Pages of one layer's heads do not overlap and fit the containers.
+            pages = (kept_len[layer].long() + block_size - 1) // block_size
+            assert int(pages.sum()) <= containers.numel() * num_kv_heads

@@ -57,12 +57,6 @@ def prepare_engine_args(engine_args: Any) -> KVCompressionConfig:
             f"--kv-compression {config.method} is not available inside vLLM yet (the transformers API in "
             f"vllm_kvzip.scoring has it); methods available in vLLM: {', '.join(VLLM_METHODS)}"
         )
-    if config.threshold_mode:
-        refuse(
-            "--kv-compression-threshold",
-            "threshold mode keeps a data-dependent number of tokens, which vLLM's scheduler cannot free yet; "
-            "use --kv-compression-ratio",
-        )
     if config.policy is not None and config.policy not in VLLM_POLICIES:
         refuse(
             "--kv-compression-policy",

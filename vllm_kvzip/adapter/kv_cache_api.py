@@ -26,7 +26,8 @@ def install_kv_cache_hooks() -> None:
         return
     from vllm_kvzip.adapter.engine import kv_compression_config
     from vllm_kvzip.block_manager.vllm_manager import KVzipAttentionSpec, KVzipManager
-    from vllm_kvzip.config import request_keep_ratio
+    from vllm_kvzip.adapter.runner_hooks import freed_block_ranges_of
+    from vllm_kvzip.config import request_keep_ratio, request_uses_threshold
 
     original_get_kv_cache_spec = Attention.get_kv_cache_spec
 
@@ -47,9 +48,26 @@ def install_kv_cache_hooks() -> None:
                 if isinstance(manager, KVzipManager):
                     extra_args = getattr(request.sampling_params, "extra_args", None)
                     ratio = request_keep_ratio(manager.compression, extra_args)
-                    manager.note_admission(request.request_id, request.num_tokens, ratio)
+                    threshold = request_uses_threshold(manager.compression, extra_args)
+                    manager.note_admission(request.request_id, request.num_tokens, ratio, threshold_mode=threshold)
         return original_allocate_slots(self, request, num_new_tokens, *args, **kwargs)
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original_update_from_output = Scheduler.update_from_output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        # Threshold mode: the worker decided which blocks its compaction emptied.
+        # Free them before vLLM processes the step (which may finish the request).
+        ranges = freed_block_ranges_of(model_runner_output)
+        if ranges:
+            for manager in self.kv_cache_manager.coordinator.single_type_managers:
+                if isinstance(manager, KVzipManager):
+                    for request_id, (admission_tokens, block_ranges) in ranges.items():
+                        manager.free_worker_ranges(request_id, admission_tokens, block_ranges)
+        return original_update_from_output(self, scheduler_output, model_runner_output)
 
     Attention.get_kv_cache_spec = get_kv_cache_spec
     KVCacheManager.allocate_slots = allocate_slots
+    Scheduler.update_from_output = update_from_output
     Attention._vllm_kvzip_hooked = True

@@ -64,24 +64,33 @@ def install_runner_hooks() -> None:
             request_ids = list(batch.req_ids[: batch.num_reqs])
             computed = batch.num_computed_tokens_cpu
             completing = {}
+            reached_by_request = {}
             for row, request_id in enumerate(request_ids):
                 entry = state.requests.get(request_id)
-                if entry is None or entry.compressed:
+                if entry is None:
                     continue
                 reached = int(computed[row]) + int(num_scheduled_tokens[row])
+                reached_by_request[request_id] = reached
+                if entry.compressed:
+                    continue
                 # The prefill (prompt, or prompt + outputs after a preemption)
                 # is complete once every known token is computed.
                 if reached >= self.requests[request_id].num_tokens:
                     completing[request_id] = reached
-            state.step = StepBatch(request_ids=request_ids, completing=completing)
+            state.step = StepBatch(request_ids=request_ids, completing=completing, reached=reached_by_request)
             state.pending.update(completing)
         return original_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
 
     def sample_tokens(self, grammar_output, *args, **kwargs):
         output = original_sample_tokens(self, grammar_output, *args, **kwargs)
         state = get_state()
-        if state is not None and state.pending:
-            run_pending_compressions(self, state)
+        if state is not None:
+            if state.pending:
+                run_pending_compressions(self, state)
+            if state.config.decode_eviction:
+                run_decode_evictions(self, state)
+            if state.freed_block_ranges and output is not None and not _is_shared_empty_output(output):
+                attach_freed_block_ranges(output, state.take_freed_block_ranges())
         return output
 
     def wrap_load_model(original):
@@ -149,10 +158,90 @@ def run_pending_compressions(runner, state, skip=()) -> None:
         return
     from vllm_kvzip.backend.compressor import compress_request
 
+    from vllm_kvzip.backend.compressor import compress_threshold_request
+
     pending, state.pending = state.pending, {}
     kv_caches = attention_kv_caches(runner, state.layer_names)
     for request_id, num_tokens in pending.items():
         request = runner.requests.get(request_id)
         if request is None or request_id in skip:
             continue  # finished (or aborted) before its compaction: nothing to save
-        compress_request(state, request_id, num_tokens, list(request.block_ids[0]), kv_caches)
+        entry = state.requests.get(request_id)
+        if entry is not None and entry.threshold_mode:
+            compress_threshold_request(
+                state, request_id, num_tokens, list(request.block_ids[0]), kv_caches,
+                lambda rid, first, ids: set_worker_block_ids(runner, rid, first, ids),
+            )
+        else:
+            compress_request(state, request_id, num_tokens, list(request.block_ids[0]), kv_caches)
+
+
+def run_decode_evictions(runner, state) -> None:
+    """DMS: fold the dense tail of threshold-mode requests whose tail has grown by about `window` tokens."""
+    from vllm_kvzip.backend.compressor import retire_dense_blocks, retirement_target_block
+
+    kv_caches = None
+    for request_id, reached in state.step.reached.items():
+        entry = state.requests.get(request_id)
+        if entry is None or not entry.threshold_mode or not entry.compressed:
+            continue
+        if retirement_target_block(state, reached) < entry.next_retire_block:
+            continue
+        request = runner.requests.get(request_id)
+        if request is None:
+            continue
+        if kv_caches is None:
+            kv_caches = attention_kv_caches(runner, state.layer_names)
+        retire_dense_blocks(
+            state, request_id, reached, list(request.block_ids[0]), kv_caches,
+            lambda rid, first, ids: set_worker_block_ids(runner, rid, first, ids),
+        )
+
+
+def set_worker_block_ids(runner, request_id: str, first: int, block_ids: list[int]) -> None:
+    """Rewrite logical blocks [first, first + n) of a request in the worker's block table.
+
+    Only the worker's view changes (the scheduler's block list is untouched):
+    threshold mode moves container blocks to the front of the row, where the
+    decode kernels look for head pages.  Both the request's own block list
+    (used when it re-enters the persistent batch) and its current batch row
+    are updated; the row reaches the GPU with the next step's block-table copy.
+    """
+    end = first + len(block_ids)
+    request = runner.requests[request_id]
+    request.block_ids[0][first:end] = block_ids
+    row = runner.input_batch.req_id_to_index.get(request_id)
+    if row is not None:
+        table = runner.input_batch.block_table[0]
+        table.block_table.np[row, first:end] = block_ids
+
+
+def attach_freed_block_ranges(output, ranges) -> None:
+    """Send the worker's freed blocks to the scheduler with the step's ModelRunnerOutput.
+
+    An extra attribute survives vLLM's pickling to the engine core (and the
+    in-process path); with async scheduling the output is wrapped and
+    materialised later, so the attribute goes on the wrapped object.
+    """
+    target = getattr(output, "_model_runner_output", output)
+    previous = getattr(target, FREED_RANGES_ATTRIBUTE, None) or {}
+    for request_id, (admission, request_ranges) in ranges.items():
+        if request_id in previous and previous[request_id][0] == admission:
+            request_ranges = previous[request_id][1] + request_ranges
+        previous[request_id] = (admission, request_ranges)
+    setattr(target, FREED_RANGES_ATTRIBUTE, previous)
+
+
+FREED_RANGES_ATTRIBUTE = "vllm_kvzip_freed_block_ranges"
+
+
+def _is_shared_empty_output(output) -> bool:
+    # vLLM returns one module-level object for steps without tokens: never decorate it.
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+
+    return output is EMPTY_MODEL_RUNNER_OUTPUT
+
+
+def freed_block_ranges_of(model_runner_output) -> dict:
+    """What `attach_freed_block_ranges` put on an output (scheduler side)."""
+    return getattr(model_runner_output, FREED_RANGES_ATTRIBUTE, None) or {}

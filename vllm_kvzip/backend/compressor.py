@@ -16,9 +16,9 @@ import time
 import torch
 
 from vllm_kvzip.backend.ops import compact_kv
-from vllm_kvzip.backend.state import WorkerCompressionState
+from vllm_kvzip.backend.state import DENSE_SLOT, WorkerCompressionState
 from vllm_kvzip.block_manager.geometry import CompressionGeometry
-from vllm_kvzip.block_manager.plan import dense_flat_slots, plan_request_compaction
+from vllm_kvzip.block_manager.plan import dense_flat_slots, plan_request_compaction, plan_retirement
 from vllm_kvzip.scoring.context import context_scores
 from vllm_kvzip.scoring.policies import keep_by_ratio
 
@@ -95,3 +95,98 @@ def compress_request(
     entry.dense_start = geometry.evictable_tokens
     state.record_compression(entry, geometry, time.perf_counter() - started)
     return geometry
+
+
+# ---------------------------------------------------------------------------------
+# Threshold mode (KVzap thresholds, DMS-style decode-time eviction)
+# ---------------------------------------------------------------------------------
+def retire_interval_blocks(state: WorkerCompressionState) -> int:
+    """Decode-time eviction folds the dense tail in batches of about `window` tokens."""
+    return max(1, state.config.window // state.block_size)
+
+
+def retirement_target_block(state: WorkerCompressionState, num_tokens: int) -> int:
+    """First dense-tail block once a request holds `num_tokens` tokens: the tail keeps >= window tokens."""
+    return max(0, (num_tokens - state.config.window) // state.block_size)
+
+
+@torch.inference_mode()
+def retire_dense_blocks(
+    state: WorkerCompressionState,
+    request_id: str,
+    num_tokens: int,
+    block_ids: list[int],
+    kv_caches: dict[str, torch.Tensor],
+    set_block_ids,
+) -> int:
+    """Threshold mode: fold the dense tail's blocks before the newest `window` tokens into the head pages.
+
+    Of the folded tokens, those whose KVzap log-score is >= the threshold (and
+    the attention sinks) are kept; everything kept so far stays kept.  The
+    request's head pages are re-packed into the fewest container blocks
+    (the old ones, then the first folded blocks) and the other folded blocks
+    are reported to the scheduler, which frees them.  Skipped when no block
+    would be freed.  `block_ids` is the worker's block-table row (logical ->
+    physical); `set_block_ids(request_id, first, ids)` rewrites part of it so
+    that container `i` is logical block `i`, which is where the decode kernels
+    look for head pages.  Returns the number of blocks freed.
+    """
+    entry = state.requests[request_id]
+    bs = state.block_size
+    first_block, end_block = entry.dense_start_block, retirement_target_block(state, num_tokens)
+    entry.next_retire_block = max(end_block, first_block) + retire_interval_blocks(state)
+    if end_block <= first_block:
+        return 0
+    started = time.perf_counter()
+    device = state.device
+    retired = torch.tensor(block_ids[first_block:end_block], dtype=torch.int64, device=device)
+    positions = torch.arange(first_block * bs, end_block * bs, device=device)
+    scores = _recorded_kvzap_scores(state, positions - first_block * bs, retired)
+    keep = (scores >= state.config.threshold) | (positions < state.config.sink_tokens)
+    slot = entry.slot
+    if slot == DENSE_SLOT:
+        kept_len = torch.zeros(state.num_layers, state.num_kv_heads, dtype=torch.int32, device=device)
+        page_start = torch.zeros_like(kept_len)
+    else:
+        kept_len, page_start = state.table.kept_len[slot], state.table.page_start[slot]
+    containers = torch.tensor(entry.containers, dtype=torch.int64, device=device)
+    plan = plan_retirement(kept_len, page_start, containers, keep, retired, bs)
+    freed = (end_block - first_block) - plan.new_containers
+    if freed <= 0:
+        return 0  # everything would stay: keep the blocks dense, try again with a longer tail
+    start = 0
+    for name, moves in zip(state.layer_names, plan.moves_per_layer):
+        compact_kv(kv_caches[name], plan.src_slots[start : start + moves], plan.dst_slots[start : start + moves])
+        start += moves
+    if state.recorded_keep_sets is not None:
+        previous = state.recorded_keep_sets.get(request_id)
+        if previous is None or previous.shape[-1] != first_block * bs:
+            previous = torch.zeros(state.num_layers, state.num_kv_heads, first_block * bs, dtype=torch.bool)
+        state.recorded_keep_sets[request_id] = torch.cat([previous, keep.cpu()], dim=-1)
+    new_container_ids = block_ids[first_block : first_block + plan.new_containers]
+    if slot == DENSE_SLOT:
+        slot = entry.slot = state.table.acquire()
+    state.table.kept_len[slot] = plan.kept_len
+    state.table.page_start[slot] = plan.page_start
+    state.table.dense_start[slot] = end_block * bs
+    if new_container_ids:
+        set_block_ids(request_id, len(entry.containers), new_container_ids)
+    entry.containers.extend(new_container_ids)
+    entry.dense_start_block = end_block
+    entry.dense_start = end_block * bs
+    entry.evictable_tokens = end_block * bs
+    entry.kept_tokens = int(plan.kept_len.sum())
+    entry.retirements += 1
+    state.report_freed_blocks(entry, first_block + plan.new_containers, end_block)
+    state.record_retirement(entry, num_tokens, freed, time.perf_counter() - started)
+    return freed
+
+
+def compress_threshold_request(state, request_id, num_tokens, block_ids, kv_caches, set_block_ids) -> None:
+    """The prefill of a threshold-mode request is complete: its first folding."""
+    entry = state.requests.get(request_id)
+    if entry is None or entry.compressed:
+        return
+    entry.compressed = True
+    entry.admission_tokens = num_tokens
+    retire_dense_blocks(state, request_id, num_tokens, block_ids, kv_caches, set_block_ids)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_kvzip.config import KVCompressionConfig, request_keep_ratio
+from vllm_kvzip.config import KVCompressionConfig, request_keep_ratio, request_uses_threshold
 
 DENSE_SLOT = 0
 # Budget policy of the vLLM path when the user gave none: the same count in
@@ -66,6 +66,13 @@ class RequestEntry:
     kept_tokens: int = 0  # kept evictable tokens summed over layers and heads
     evictable_tokens: int = 0  # per (layer, head)
     dense_start: int = 0
+    # Threshold mode (KVzap / DMS): budgets are decided here, block by block.
+    threshold_mode: bool = False
+    admission_tokens: int = 0  # tokens of the prefill the request was (re)admitted with
+    containers: list[int] = field(default_factory=list)  # physical ids of the head-page blocks, in page order
+    dense_start_block: int = 0  # first logical block of the dense tail
+    next_retire_block: int = 0  # fold the dense tail into the head pages once it reaches this block
+    retirements: int = 0
 
 
 @dataclass
@@ -75,6 +82,8 @@ class StepBatch:
     request_ids: list[str] = field(default_factory=list)
     # Requests whose prefill completes in this step -> their token count.
     completing: dict[str, int] = field(default_factory=dict)
+    # Tokens in the cache after this step, for every request of the step.
+    reached: dict[str, int] = field(default_factory=dict)
 
 
 class WorkerCompressionState:
@@ -110,6 +119,10 @@ class WorkerCompressionState:
         self.total_kept_tokens = 0
         self.total_evictable_tokens = 0
         self.total_freed_blocks = 0
+        self.total_retirements = 0  # decode-time (DMS) foldings of the dense tail
+        # Threshold mode: blocks the worker freed, for the scheduler (sent with the
+        # next ModelRunnerOutput): request id -> (admission tokens, [(first, end) logical blocks]).
+        self.freed_block_ranges: dict[str, tuple[int, list[tuple[int, int]]]] = {}
         # Debugging / tests: keep masks [L, H, evictable] by request id
         # (VLLM_KVZIP_RECORD_KEEP_SETS=1 turns it on).
         self.recorded_keep_sets: dict[str, torch.Tensor] | None = (
@@ -145,19 +158,61 @@ class WorkerCompressionState:
             seconds * 1e3,
         )
 
+    def record_retirement(self, entry: "RequestEntry", num_tokens: int, freed_blocks: int, seconds: float) -> None:
+        """Threshold mode: one folding of the dense tail (the first one happens right after the prefill)."""
+        pairs = self.num_layers * self.num_kv_heads
+        first = entry.retirements == 1
+        if first:
+            self.total_compressed += 1
+            self.total_kept_tokens += entry.kept_tokens
+            self.total_evictable_tokens += entry.evictable_tokens * pairs
+        else:
+            self.total_retirements += 1
+        # The block total is kept by report_freed_blocks; one log line per request
+        # (its prefill), the decode-time foldings at debug level.
+        log = logger().info if first else logger().debug
+        log(
+            "vllm-kvzip: request %s %s (%s, threshold %g): kept %.0f of %d context tokens per (layer, head) "
+            "+ %d dense tail tokens, freed %d blocks (%d in all), %.1f ms",
+            entry.request_id,
+            "compressed" if first else "folded its decode tail",
+            self.config.method,
+            self.config.threshold,
+            entry.kept_tokens / pairs,
+            entry.evictable_tokens,
+            num_tokens - entry.evictable_tokens,
+            freed_blocks,
+            entry.dense_start_block - len(entry.containers),
+            seconds * 1e3,
+        )
+
     # -- request lifecycle -------------------------------------------------------------
     def add_request(self, request_id: str, extra_args: dict | None) -> RequestEntry:
         self.drop_request(request_id)
-        entry = RequestEntry(request_id=request_id, keep_ratio=request_keep_ratio(self.config, extra_args))
+        entry = RequestEntry(
+            request_id=request_id,
+            keep_ratio=request_keep_ratio(self.config, extra_args),
+            threshold_mode=request_uses_threshold(self.config, extra_args),
+        )
         self.requests[request_id] = entry
         return entry
 
     def drop_request(self, request_id: str) -> None:
         """Finished, aborted or preempted: forget the request (its blocks go back to vLLM)."""
         self.pending.pop(request_id, None)
+        self.freed_block_ranges.pop(request_id, None)
         entry = self.requests.pop(request_id, None)
         if entry is not None and entry.slot != DENSE_SLOT:
             self.table.release(entry.slot)
+
+    def report_freed_blocks(self, entry: RequestEntry, first_block: int, end_block: int) -> None:
+        admission, ranges = self.freed_block_ranges.setdefault(entry.request_id, (entry.admission_tokens, []))
+        ranges.append((first_block, end_block))
+        self.total_freed_blocks += end_block - first_block
+
+    def take_freed_block_ranges(self) -> dict[str, tuple[int, list[tuple[int, int]]]]:
+        ranges, self.freed_block_ranges = self.freed_block_ranges, {}
+        return ranges
 
     def slot_of(self, request_id: str) -> int:
         entry = self.requests.get(request_id)

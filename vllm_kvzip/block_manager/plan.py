@@ -122,3 +122,113 @@ def plan_layer_compaction(
 ) -> LayerCompactionPlan:
     """`plan_request_compaction` for one layer: keep is [num_kv_heads, evictable_tokens]."""
     return plan_request_compaction(keep[None], block_ids, num_containers, block_size).layer(0)
+
+
+# ---------------------------------------------------------------------------------
+# Threshold mode (KVzap / DMS): data-dependent budgets, decided on the worker
+# ---------------------------------------------------------------------------------
+def containers_needed(kept_len: torch.Tensor, block_size: int) -> int:
+    """Container blocks that hold every layer's head pages: `[num_layers, num_kv_heads]` kept counts.
+
+    A block holds `num_kv_heads` head pages per layer and every layer packs its
+    heads' pages linearly, so the busiest layer decides.
+    """
+    num_kv_heads = kept_len.shape[-1]
+    pages = pages_per_head(kept_len.to(torch.int64), block_size).sum(dim=-1)
+    busiest = int(pages.max()) if pages.numel() else 0
+    return -(-busiest // num_kv_heads)
+
+
+def ragged_flat_slots(
+    kept_len: torch.Tensor, page_start: torch.Tensor, containers: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every kept token of the ragged region, layer-major then head then rank.
+
+    Returns `(layers, heads, ranks, flat_slots)` (int64, one entry per token).
+    """
+    num_layers, num_kv_heads = kept_len.shape
+    device = containers.device
+    kept = kept_len.to(device=device, dtype=torch.int64)
+    longest = int(kept.max()) if kept.numel() else 0
+    ranks = torch.arange(longest, device=device)
+    present = ranks[None, None, :] < kept[:, :, None]
+    layers, heads, token_ranks = present.nonzero(as_tuple=True)
+    pages = page_start.to(device=device, dtype=torch.int64)[layers, heads] + token_ranks // block_size
+    slots = page_flat_slots(pages, token_ranks % block_size, containers, num_kv_heads, block_size)
+    return layers, heads, token_ranks, slots
+
+
+@dataclass
+class RetirementPlan:
+    """Fold a block range of the dense tail into the head pages (threshold mode).
+
+    The request's kept tokens so far stay kept; of the retired blocks'
+    tokens, those in `keep` join them.  Every (layer, head) is re-packed from
+    page 0 into `containers` (the old containers, then the first blocks of the
+    retired range), so the moves overlap and must be applied gather-then-scatter.
+    """
+
+    kept_len: torch.Tensor  # [L, H] int32, after the retirement
+    page_start: torch.Tensor  # [L, H] int32
+    src_slots: torch.Tensor  # [num_moves] int64, layer-major
+    dst_slots: torch.Tensor
+    moves_per_layer: list[int]
+    num_containers: int  # container blocks after the retirement
+    new_containers: int  # how many of them are taken from the start of the retired range
+
+
+def plan_retirement(
+    kept_len: torch.Tensor,
+    page_start: torch.Tensor,
+    containers: torch.Tensor,
+    keep: torch.Tensor,
+    retired_block_ids: torch.Tensor,
+    block_size: int,
+) -> RetirementPlan:
+    """Plan folding retired dense blocks into the head pages.
+
+    kept_len / page_start: [L, H] current ragged layout over `containers`
+        (physical block ids, in page order).
+    keep: [L, H, n] bool, n = len(retired_block_ids) * block_size: which
+        tokens of the retired blocks (in position order) are kept.
+    retired_block_ids: physical ids of the retired dense blocks, in order; the
+        first ones become new containers when the kept tokens need them.
+    """
+    num_layers, num_kv_heads, retired_tokens = keep.shape
+    if retired_tokens != retired_block_ids.numel() * block_size:
+        raise ValueError(f"keep covers {retired_tokens} tokens, the retired blocks hold {retired_block_ids.numel() * block_size}")
+    device = keep.device
+    old_kept = kept_len.to(device=device, dtype=torch.int64)
+    new_kept = old_kept + keep.sum(dim=-1)
+    num_containers = containers_needed(new_kept, block_size)
+    new_containers = num_containers - containers.numel()
+    if new_containers < 0 or new_containers > retired_block_ids.numel():
+        raise ValueError(
+            f"{num_containers} containers needed: {containers.numel()} held, {retired_block_ids.numel()} blocks retired"
+        )
+    all_containers = torch.cat([containers.to(device=device, dtype=torch.int64), retired_block_ids.to(device=device, dtype=torch.int64)[:new_containers]])
+    pages = pages_per_head(new_kept, block_size)
+    new_page_start = torch.cumsum(pages, dim=-1) - pages
+    # Old tokens keep their rank; retired ones follow them in position order.
+    old_layers, old_heads, old_ranks, old_src = ragged_flat_slots(old_kept, page_start, containers.to(device), block_size)
+    layers, heads, positions = keep.nonzero(as_tuple=True)
+    ranks = old_kept[layers, heads] + torch.cumsum(keep.to(torch.int64), dim=-1)[layers, heads, positions] - 1
+    src = dense_flat_slots(positions, heads, retired_block_ids, num_kv_heads, block_size)
+    layers = torch.cat([old_layers, layers])
+    heads = torch.cat([old_heads, heads])
+    ranks = torch.cat([old_ranks, ranks])
+    src = torch.cat([old_src, src])
+    order = torch.argsort(layers, stable=True)  # layer-major, as compaction is applied per layer
+    layers, heads, ranks, src = layers[order], heads[order], ranks[order], src[order]
+    dst_pages = new_page_start[layers, heads] + ranks // block_size
+    dst = page_flat_slots(dst_pages, ranks % block_size, all_containers, num_kv_heads, block_size)
+    moves_per_layer = torch.bincount(layers, minlength=num_layers).tolist()
+    return RetirementPlan(
+        kept_len=new_kept.to(torch.int32),
+        page_start=new_page_start.to(torch.int32),
+        src_slots=src,
+        dst_slots=dst,
+        moves_per_layer=moves_per_layer,
+        num_containers=num_containers,
+        new_containers=new_containers,
+    )

@@ -65,17 +65,53 @@ class KVzipManager(FullAttentionManager):
         # request id -> (tokens at compression, keep ratio) decided at admission.
         self._pending: dict[str, tuple[int, float]] = {}
         self._compressed: dict[str, CompressionRecord] = {}
+        # Threshold mode: request id -> tokens at admission; blocks freed so far.
+        self._threshold: dict[str, int] = {}
+        self._compressed_threshold: set[str] = set()
+        self.threshold_freed_blocks: dict[str, int] = {}
         self.total_freed_blocks = 0
         self.total_compressed_requests = 0
 
     # -- lifecycle ---------------------------------------------------------------------
-    def note_admission(self, request_id: str, num_tokens: int, keep_ratio: float | None) -> None:
-        """The request (re)starts its prefill of `num_tokens` tokens; None: keep it dense."""
+    def note_admission(
+        self, request_id: str, num_tokens: int, keep_ratio: float | None, threshold_mode: bool = False
+    ) -> None:
+        """The request (re)starts its prefill of `num_tokens` tokens; None: keep it dense.
+
+        In threshold mode the worker decides which blocks empty out (see
+        `free_worker_ranges`); the admission's token count tells its reports
+        apart from those of an earlier admission of the same request.
+        """
         self._compressed.pop(request_id, None)
-        if keep_ratio is None or keep_ratio >= 1.0:
+        self._threshold.pop(request_id, None)
+        if threshold_mode:
+            self._pending.pop(request_id, None)
+            self._threshold[request_id] = num_tokens
+        elif keep_ratio is None or keep_ratio >= 1.0:
             self._pending.pop(request_id, None)
         else:
             self._pending[request_id] = (num_tokens, keep_ratio)
+
+    def free_worker_ranges(self, request_id: str, admission_tokens: int, block_ranges: list[tuple[int, int]]) -> int:
+        """Threshold mode: free logical blocks `[first, end)` the worker's compaction emptied.
+
+        The worker reports them with the step's output, after the moves were
+        enqueued, so later users of the blocks run after them.  A report for an
+        admission that ended meanwhile (preempted, finished, aborted) is
+        dropped: those blocks went back to vLLM with the request.
+        """
+        if self._threshold.get(request_id) != admission_tokens:
+            return 0
+        before = self.block_pool.get_num_free_blocks()
+        for first, end in block_ranges:
+            self._remove_blocks_in_range(request_id, first, end)
+        freed = self.block_pool.get_num_free_blocks() - before
+        if request_id not in self._compressed_threshold:
+            self._compressed_threshold.add(request_id)
+            self.total_compressed_requests += 1
+        self.threshold_freed_blocks[request_id] = self.threshold_freed_blocks.get(request_id, 0) + freed
+        self.total_freed_blocks += freed
+        return freed
 
     def geometry_for(self, num_tokens: int, keep_ratio: float) -> CompressionGeometry:
         return CompressionGeometry(
@@ -110,6 +146,9 @@ class KVzipManager(FullAttentionManager):
         super().free(request_id)
         self._pending.pop(request_id, None)
         self._compressed.pop(request_id, None)
+        self._threshold.pop(request_id, None)
+        self._compressed_threshold.discard(request_id)
+        self.threshold_freed_blocks.pop(request_id, None)
 
     def cache_blocks(self, *args, **kwargs) -> None:
         # Compressed requests rewrite their first blocks: never share them.

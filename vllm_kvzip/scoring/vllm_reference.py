@@ -20,9 +20,17 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
 from vllm_kvzip.block_manager.geometry import CompressionGeometry
-from vllm_kvzip.config import KVCompressionConfig, request_keep_ratio
+from vllm_kvzip.block_manager.plan import containers_needed
+from vllm_kvzip.config import KVCompressionConfig, request_keep_ratio, request_uses_threshold
 from vllm_kvzip.scoring.context import context_scores
-from vllm_kvzip.scoring.hf import RAGGED_IMPLEMENTATION, RaggedKVCache, attention_implementation, capture_layers
+from vllm_kvzip.scoring.hf import (
+    RAGGED_IMPLEMENTATION,
+    RaggedKVCache,
+    RaggedLayer,
+    attention_implementation,
+    attention_modules,
+    capture_layers,
+)
 from vllm_kvzip.scoring.kvzap_model import KVzapSurrogate
 from vllm_kvzip.scoring.policies import keep_by_ratio
 
@@ -34,6 +42,8 @@ class ReferenceResult:
     token_ids: list[int]
     geometry: CompressionGeometry | None
     keep: Tensor | None  # [L, H, num_prompt_tokens] bool; None when the request stayed dense
+    # Threshold mode: [L, H, folded tokens] decisions of every folding, and the blocks each one freed.
+    folded_blocks: list[tuple[int, int, int]] | None = None  # (first block, end block, blocks freed)
 
 
 @torch.no_grad()
@@ -64,6 +74,14 @@ def generate_like_vllm(
 
     ragged = RaggedKVCache.from_dynamic(cache)
     num_layers, num_kv_heads = len(ragged.layers), ragged.layers[0].num_kv_heads
+    if request_uses_threshold(config, extra_args):
+        if surrogate is None:
+            raise ValueError("threshold mode needs the KVzap surrogate")
+        prompt_scores = [surrogate.layer_scores(layer, hidden[layer]) for layer in range(num_layers)]
+        return _generate_with_folding(
+            model, ragged, prompt_scores, first_token, num_tokens, config, block_size=block_size,
+            max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, surrogate=surrogate,
+        )
     keep_ratio = request_keep_ratio(config, extra_args)
     geometry, keep = None, None
     if keep_ratio is not None:
@@ -107,3 +125,97 @@ def generate_like_vllm(
             ).logits
             generated.append(int(logits[0, -1].argmax()))
     return ReferenceResult(token_ids=generated, geometry=geometry, keep=keep)
+
+
+# ---------------------------------------------------------------------------------
+# Threshold mode (KVzap thresholds, DMS decode-time eviction)
+# ---------------------------------------------------------------------------------
+def _fold_layer(layer: RaggedLayer, keep: Tensor) -> RaggedLayer:
+    """Rows (kept ones and the tail) whose position p has keep[h, p]; the tail becomes part of the rows."""
+    num_kv_heads = layer.num_kv_heads
+    tail = layer.tail_keys.shape[1]
+    keys, values, positions, lengths = [], [], [], []
+    for head in range(num_kv_heads):
+        head_keys, head_values = layer.head_rows(head)
+        start, end = layer.offsets[head], layer.offsets[head + 1]
+        head_positions = torch.cat(
+            [layer.positions[start:end], torch.arange(layer.prefix_length, layer.prefix_length + tail, device=keep.device)]
+        )
+        rows = keep[head, head_positions]
+        keys.append(torch.cat([head_keys, layer.tail_keys[head]])[rows])
+        values.append(torch.cat([head_values, layer.tail_values[head]])[rows])
+        positions.append(head_positions[rows])
+        lengths.append(int(rows.sum()))
+    return RaggedLayer(
+        torch.cat(keys), torch.cat(values), torch.tensor(lengths, device=keep.device), torch.cat(positions),
+        num_kv_heads, layer.prefix_length + tail,
+    )
+
+
+def _generate_with_folding(
+    model, ragged, prompt_scores, first_token, num_tokens, config, *, block_size, max_new_tokens, stop_token_ids, surrogate
+) -> ReferenceResult:
+    """The worker's threshold-mode schedule: fold the dense tail into the head pages right after the
+    prefill and (with decode eviction) whenever the tail has grown by `window` tokens, skipping a
+    folding that would free no block -- the rules of `vllm_kvzip.backend.compressor`."""
+    device = prompt_scores[0].device
+    num_layers, num_kv_heads = len(ragged.layers), ragged.layers[0].num_kv_heads
+    scores = [layer_scores for layer_scores in prompt_scores]  # per layer [H, tokens so far]
+    decided = torch.zeros(num_layers, num_kv_heads, 0, dtype=torch.bool)  # decisions for [0, dense start)
+    kept_len = torch.zeros(num_layers, num_kv_heads, dtype=torch.int64)
+    containers = 0
+    dense_start_block = 0
+    interval = max(1, config.window // block_size)
+    next_block = 0
+    folded: list[tuple[int, int, int]] = []
+
+    def fold(total_tokens: int) -> None:
+        nonlocal decided, kept_len, containers, dense_start_block, next_block, ragged
+        end_block = max(0, (total_tokens - config.window) // block_size)
+        first_block = dense_start_block
+        next_block = max(end_block, first_block) + interval
+        if end_block <= first_block:
+            return
+        span = torch.arange(first_block * block_size, end_block * block_size, device=device)
+        layer_scores = torch.stack([scores[layer][:, span] for layer in range(num_layers)])
+        keep = (layer_scores >= config.threshold) | (span < config.sink_tokens)
+        new_kept = kept_len + keep.sum(-1).cpu()
+        needed = containers_needed(new_kept, block_size)
+        freed = (end_block - first_block) - (needed - containers)
+        if freed <= 0:
+            return
+        decided = torch.cat([decided, keep.cpu()], dim=-1)
+        full = torch.ones(num_layers, num_kv_heads, total_tokens, dtype=torch.bool, device=device)
+        full[:, :, : decided.shape[-1]] = decided.to(device)
+        ragged = RaggedKVCache([_fold_layer(layer, full[index]) for index, layer in enumerate(ragged.layers)])
+        kept_len, containers, dense_start_block = new_kept, needed, end_block
+        folded.append((first_block, end_block, freed))
+
+    fold(num_tokens)
+    generated = [first_token]
+    stops = set(stop_token_ids)
+    hidden: dict[int, Tensor] = {}
+
+    def pre_hook(module, args, kwargs):
+        hidden[module.layer_idx] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True) for module in attention_modules(model)]
+    try:
+        with attention_implementation(model, RAGGED_IMPLEMENTATION):
+            while len(generated) < max_new_tokens and generated[-1] not in stops:
+                position = num_tokens + len(generated) - 1
+                step_ids = torch.tensor([[generated[-1]]], device=device)
+                positions = torch.tensor([[position]], device=device)
+                logits = model(
+                    input_ids=step_ids, position_ids=positions, past_key_values=ragged, use_cache=True, logits_to_keep=1
+                ).logits
+                generated.append(int(logits[0, -1].argmax()))
+                for layer in range(num_layers):
+                    scores[layer] = torch.cat([scores[layer], surrogate.layer_scores(layer, hidden[layer][0]).to(device)], dim=-1)
+                if config.decode_eviction and max(0, (position + 1 - config.window) // block_size) >= next_block:
+                    fold(position + 1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    keep = decided if decided.shape[-1] else None
+    return ReferenceResult(token_ids=generated, geometry=None, keep=keep, folded_blocks=folded)

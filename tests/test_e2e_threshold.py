@@ -1,0 +1,196 @@
+"""Threshold mode (KVzap thresholds) and decode-time eviction (DMS) through vLLM's real engine (CPU build).
+
+The worker decides the budgets: right after the prefill, and then whenever the
+dense tail has grown by `window` tokens, it folds the tail's older blocks into
+the head pages, keeping the tokens whose KVzap log-score is >= the threshold,
+and reports the blocks it emptied to the scheduler with the step's output.
+Checked here against the transformers oracle (`generate_like_vllm`, which
+implements the same schedule) and against vLLM's own block counts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import vllm_kvzip
+from vllm_kvzip.block_manager.geometry import cdiv
+from vllm_kvzip.block_manager.plan import containers_needed
+from vllm_kvzip.eval.synthetic import make_example
+
+BLOCK_SIZE = 16
+WINDOW = 64
+# The shipped SmolLM2 surrogate keeps ~24% of (layer, head, token) pairs at -2 (the busiest layer ~68%).
+THRESHOLD = -2.0
+SURROGATE = str(Path(vllm_kvzip.__file__).parent / "data" / "kvzap" / "SmolLM2-135M-Instruct-mlp")
+SETTINGS = {"method": "kvzap-mlp", "threshold": THRESHOLD, "window": WINDOW, "decode_eviction": True, "surrogate": SURROGATE}
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def engine(embedded_model):
+    from vllm import LLM
+
+    llm = LLM(
+        model=embedded_model,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=4800,
+        block_size=BLOCK_SIZE,
+        seed=0,
+        additional_config={"kv_compression": SETTINGS},
+    )
+    yield llm
+    del llm
+
+
+def _prompt(engine, task: str, seed: int, budget: int = 700) -> list[int]:
+    tokenizer = engine.get_tokenizer()
+    example = make_example(task, seed, token_budget=budget, count_tokens=lambda text: len(tokenizer.encode(text)))
+    question = example.questions[0]
+    messages = [{"role": "user", "content": example.context + "\n\n" + question.text}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text + question.answer_prefix, add_special_tokens=False)
+
+
+def _scheduler(engine):
+    return engine.llm_engine.engine_core.engine_core.scheduler
+
+
+def _manager(engine):
+    from vllm_kvzip.block_manager.vllm_manager import KVzipManager
+
+    managers = _scheduler(engine).kv_cache_manager.coordinator.single_type_managers
+    return next(manager for manager in managers if isinstance(manager, KVzipManager))
+
+
+def _held_blocks(manager, request_id: str) -> int:
+    return sum(block is not manager._null_block for block in manager.req_to_blocks.get(request_id, []))
+
+
+def _engine_request(state, request_id: str):
+    # LLM.generate adds a suffix to the request ids it is given.
+    return next((entry for key, entry in state.requests.items() if key.split("-")[0] == request_id), None)
+
+
+def test_threshold_mode_with_decode_eviction_matches_the_oracle(engine, embedded_model):
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams, TokensPrompt
+
+    from vllm_kvzip.backend.state import get_state
+    from vllm_kvzip.config import KVCompressionConfig
+    from vllm_kvzip.scoring.kvzap_model import KVzapSurrogate
+    from vllm_kvzip.scoring.vllm_reference import generate_like_vllm
+
+    max_tokens = 200  # the tail is folded at the prefill and about every WINDOW tokens after it
+    per_request = [None, None, {"kv_compression": "none"}]
+    prompts = [_prompt(engine, "profile", 0), _prompt(engine, "needle", 1, 600), _prompt(engine, "uuid_kv", 2, 500)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra) for extra in per_request
+    ]
+    state = get_state()
+    state.recorded_keep_sets.clear()
+    outputs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params)
+
+    oracle = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval()
+    config = KVCompressionConfig.parse(SETTINGS)
+    surrogate = KVzapSurrogate.load(SURROGATE).float()
+    for prompt, extra, output in zip(prompts, per_request, outputs):
+        reference = generate_like_vllm(
+            oracle, prompt, config, block_size=BLOCK_SIZE, max_new_tokens=max_tokens, surrogate=surrogate,
+            extra_args=extra,
+        )
+        recorded = next(
+            (keep for key, keep in state.recorded_keep_sets.items() if key.split("-")[0] == output.request_id), None
+        )
+        if extra is not None:
+            assert recorded is None and reference.folded_blocks is None
+        else:
+            # Folded at the prefill and at least twice while decoding.
+            assert len(reference.folded_blocks) >= 3, reference.folded_blocks
+            assert recorded is not None
+            assert recorded.shape == reference.keep.shape
+            assert torch.equal(recorded, reference.keep.cpu())
+            assert 0.05 < recorded.float().mean() < 0.9  # the threshold really evicts, and keeps
+        assert list(output.outputs[0].token_ids) == reference.token_ids, f"outputs differ for {extra}"
+
+
+def test_long_generation_stays_within_the_threshold_bound(engine):
+    """A 4,000-token generation: after every step the scheduler holds exactly the blocks the
+    kept tokens need (containers of the busiest layer) plus the dense tail, and vLLM's free
+    block count shows what decode-time eviction gave back."""
+    from vllm import SamplingParams
+
+    from vllm_kvzip.backend.state import get_state
+
+    llm_engine = engine.llm_engine
+    pool = _scheduler(engine).kv_cache_manager.block_pool
+    manager = _manager(engine)
+    state = get_state()
+    state.recorded_keep_sets.clear()
+    prompt = _prompt(engine, "variable", 3, 600)
+    max_tokens = 4000
+    start = pool.get_num_free_blocks()
+    llm_engine.add_request("long", {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    peak_held = 0
+    generated = 0
+    checked = 0
+    while llm_engine.has_unfinished_requests():
+        for output in llm_engine.step():
+            generated = len(output.outputs[0].token_ids)
+        entry = state.requests.get("long")
+        held = _held_blocks(manager, "long")
+        peak_held = max(peak_held, held)
+        if entry is None or not entry.compressed or not manager.threshold_freed_blocks.get("long"):
+            continue
+        if state.freed_block_ranges:
+            continue  # the worker's report reaches the scheduler with the next step
+        keep = state.recorded_keep_sets["long"]
+        assert keep.shape[-1] == entry.dense_start_block * BLOCK_SIZE
+        kept = keep.sum(dim=-1)
+        # Tokens in the cache: the prompt and every generated token but the newest.
+        tokens = len(prompt) + generated - 1
+        assert held == containers_needed(kept, BLOCK_SIZE) + cdiv(tokens, BLOCK_SIZE) - entry.dense_start_block
+        # The dense tail never grows past the window plus one folding interval (and a partial block).
+        assert tokens - entry.dense_start_block * BLOCK_SIZE < WINDOW + WINDOW + 2 * BLOCK_SIZE
+        checked += 1
+    assert generated == max_tokens
+    assert checked > max_tokens // 2
+    dense_blocks = cdiv(len(prompt) + max_tokens, BLOCK_SIZE)
+    # Decode-time eviction freed most of what a dense cache would hold, and vLLM saw it.
+    assert peak_held < 0.75 * dense_blocks, (peak_held, dense_blocks)
+    assert manager.total_freed_blocks >= dense_blocks - peak_held - 1
+    assert pool.get_num_free_blocks() == start
+
+
+def test_abort_and_preemption_in_threshold_mode_leak_nothing(engine):
+    from vllm import SamplingParams
+
+    llm_engine = engine.llm_engine
+    pool = _scheduler(engine).kv_cache_manager.block_pool
+    manager = _manager(engine)
+    start = pool.get_num_free_blocks()
+    prompts = [_prompt(engine, task, seed, 500) for seed, task in enumerate(["profile", "needle", "multikey"])]
+    for index, prompt in enumerate(prompts):
+        llm_engine.add_request(f"t-{index}", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=150, ignore_eos=True))
+    for _ in range(40):
+        llm_engine.step()
+    llm_engine.abort_request(["t-1"])
+    # Preempt t-0 the way vLLM does under memory pressure: its blocks go back, it recomputes later.
+    scheduler = _scheduler(engine)
+    request = scheduler.requests["t-0"]
+    assert manager.threshold_freed_blocks.get("t-0"), "t-0 should be compressed before it is preempted"
+    scheduler.running.remove(request)
+    scheduler._preempt_request(request, 0.0)
+    finished = {}
+    while llm_engine.has_unfinished_requests():
+        for output in llm_engine.step():
+            if output.finished:
+                finished[output.request_id] = len(output.outputs[0].token_ids)
+    assert finished == {"t-0": 150, "t-2": 150}
+    assert request.num_preemptions == 1
+    assert pool.get_num_free_blocks() == start
+    assert not manager._threshold and not manager.threshold_freed_blocks

@@ -131,19 +131,7 @@ class WorkerCompressionState:
         self.total_kept_tokens += entry.kept_tokens
         self.total_evictable_tokens += entry.evictable_tokens * pairs
         self.total_freed_blocks += geometry.freed_blocks
-        kept_per_head = entry.kept_tokens / pairs
-        logger().info(
-            "vllm-kvzip: request %s compressed (%s): kept %.0f of %d context tokens per (layer, head) "
-            "+ %d dense tail tokens, freed %d of %d blocks, %.1f ms",
-            entry.request_id,
-            self.config.method,
-            kept_per_head,
-            entry.evictable_tokens,
-            geometry.num_tokens - geometry.evictable_tokens,
-            geometry.freed_blocks,
-            -(-geometry.num_tokens // geometry.block_size),
-            seconds * 1e3,
-        )
+        logger().info("vllm-kvzip: %s", compression_log_line(entry, geometry, pairs, self.config.method, seconds))
 
     # -- request lifecycle -------------------------------------------------------------
     def add_request(self, request_id: str, extra_args: dict | None) -> RequestEntry:
@@ -178,6 +166,24 @@ def install_state(config: KVCompressionConfig, kv_cache_spec, layer_names, vllm_
     state.load_method_assets(vllm_config.model_config)
     set_state(state)
     return state
+
+
+def compression_log_line(entry: RequestEntry, geometry, pairs: int, method: str, seconds: float) -> str:
+    """What one compression did, from the worker's real keep counts (vllm:kvzip_* metrics give the same numbers).
+
+    "kept K of T context tokens": per (layer, KV head), the kept scored tokens
+    plus the dense tail, out of the T tokens of the prefill.
+    """
+    kept_per_head = entry.kept_tokens / pairs
+    tail = geometry.num_tokens - geometry.evictable_tokens
+    kept = kept_per_head + tail
+    kept_text = f"{kept:.0f}" if float(kept).is_integer() else f"{kept:.2f}"
+    return (
+        f"request {entry.request_id} compressed ({method}): kept {kept_text} of {geometry.num_tokens} context tokens "
+        f"(ratio {kept / geometry.num_tokens:.4f}; {kept_per_head:g} of {entry.evictable_tokens} scored tokens per "
+        f"(layer, KV head) + {tail} dense tail tokens), freed {geometry.freed_blocks} of "
+        f"{-(-geometry.num_tokens // geometry.block_size)} blocks, {seconds * 1e3:.1f} ms"
+    )
 
 
 def logger():

@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields, replace
 from vllm_kvzip.adapter.kv_cache_api import FullAttentionManager, FullAttentionSpec, register_spec
 from vllm_kvzip.block_manager.geometry import CompressionGeometry
 from vllm_kvzip.config import KVCompressionConfig
+from vllm_kvzip.metrics import CompressionEvent
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,20 +63,22 @@ class KVzipManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: KVzipAttentionSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.compression = kv_cache_spec.compression
-        # request id -> (tokens at compression, keep ratio) decided at admission.
-        self._pending: dict[str, tuple[int, float]] = {}
+        # request id -> (tokens at compression, keep ratio) decided at admission;
+        # keep ratio None: the request opted out and stays dense.
+        self._pending: dict[str, tuple[int, float | None]] = {}
         self._compressed: dict[str, CompressionRecord] = {}
         self.total_freed_blocks = 0
         self.total_compressed_requests = 0
+        # One event per processed prefill, until the engine ships them to the
+        # API server's metrics (`drain_events`, called every engine step).
+        self._events: list[CompressionEvent] = []
 
     # -- lifecycle ---------------------------------------------------------------------
     def note_admission(self, request_id: str, num_tokens: int, keep_ratio: float | None) -> None:
         """The request (re)starts its prefill of `num_tokens` tokens; None: keep it dense."""
         self._compressed.pop(request_id, None)
-        if keep_ratio is None or keep_ratio >= 1.0:
-            self._pending.pop(request_id, None)
-        else:
-            self._pending[request_id] = (num_tokens, keep_ratio)
+        dense = keep_ratio is None or keep_ratio >= 1.0
+        self._pending[request_id] = (num_tokens, None if dense else keep_ratio)
 
     def geometry_for(self, num_tokens: int, keep_ratio: float) -> CompressionGeometry:
         return CompressionGeometry(
@@ -96,7 +99,11 @@ class KVzipManager(FullAttentionManager):
         # The prefill (and with it the worker's compaction, enqueued in that
         # step) is processed: later users of the freed blocks run after it.
         del self._pending[request_id]
-        geometry = self.geometry_for(*pending)
+        num_tokens, keep_ratio = pending
+        if keep_ratio is None:
+            self._events.append(CompressionEvent.opted_out(num_tokens))
+            return
+        geometry = self.geometry_for(num_tokens, keep_ratio)
         freed = 0
         if geometry.compresses:
             before = self.block_pool.get_num_free_blocks()
@@ -105,6 +112,7 @@ class KVzipManager(FullAttentionManager):
         self._compressed[request_id] = CompressionRecord(geometry=geometry, freed_blocks=freed)
         self.total_freed_blocks += freed
         self.total_compressed_requests += 1
+        self._events.append(CompressionEvent.from_geometry(geometry, freed))
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
@@ -118,6 +126,18 @@ class KVzipManager(FullAttentionManager):
     # -- accounting --------------------------------------------------------------------
     def compression_record(self, request_id: str) -> CompressionRecord | None:
         return self._compressed.get(request_id)
+
+    def drain_events(self) -> list[CompressionEvent]:
+        """Events since the last call (the engine ships them with its scheduler stats).
+
+        The metrics come from here, not from the worker: this is where blocks
+        are really freed (`freed_blocks` is the block pool's own count), and the
+        kept token count is the geometry's per-layer budget, which the worker's
+        keep-sets meet exactly (tests/test_e2e_compression.py checks it), so
+        no worker-to-scheduler message is needed.
+        """
+        events, self._events = self._events, []
+        return events
 
 
 def register_kvzip_spec() -> None:

@@ -38,6 +38,17 @@ def _geometry(num_tokens, keep_ratio=0.25, num_kv_heads=NUM_KV_HEADS):
     )
 
 
+def _kept_per_head(geometry, policy="layer"):
+    """Context tokens a compressed request keeps per (layer, KV head), as the worker's policy keeps them."""
+    from vllm_kvzip.scoring.policies import layer_keep_count
+
+    layer = layer_keep_count(
+        geometry.keep_ratio, policy, geometry.num_kv_heads, geometry.evictable_tokens,
+        sink_tokens=geometry.sink_tokens, window=0,
+    )
+    return layer / geometry.num_kv_heads + geometry.num_tokens - geometry.evictable_tokens
+
+
 class _Stats:
     """Stands in for SchedulerStats (only `kv_connector_stats` is used)."""
 
@@ -48,31 +59,42 @@ class _Stats:
 # ---- events ------------------------------------------------------------------------------
 
 
-def test_event_of_a_compressed_request_counts_the_kept_tokens_per_head_plus_the_tail():
+def test_event_of_a_compressed_request_counts_kept_tokens_per_layer_plus_the_tail():
     geometry = _geometry(1000)
-    # 960 evictable tokens; 4 sinks + floor(0.25 * 956) = 243 kept per (layer, head); 40-token tail.
-    event = CompressionEvent.from_geometry(geometry, freed_blocks=43)
-    assert event == CompressionEvent(COMPRESSED, 1000, 243 + 40, 43)
-    assert event.kept_ratio == pytest.approx(283 / 1000)
+    # 960 evictable tokens, 4 sinks: one layer keeps 2 * 4 + floor(0.25 * 2 * 956) = 486 of them; 40-token tail.
+    event = CompressionEvent.from_geometry(geometry, freed_blocks=43, policy="layer")
+    assert event == CompressionEvent(COMPRESSED, 1000, NUM_KV_HEADS, 486 + 2 * 40, 43)
+    assert event.kept_tokens == 283 and event.kept_ratio == pytest.approx(283 / 1000)
+
+
+def test_layer_policy_may_keep_more_than_the_per_head_budget():
+    """A layer budget is floored once, not once per head: up to H - 1 more tokens per layer."""
+    geometry = CompressionGeometry(num_tokens=485, block_size=BLOCK, window=64, keep_ratio=0.3, num_kv_heads=3, sink_tokens=4)
+    assert geometry.evictable_tokens == 416 and geometry.per_head_budget == 4 + 123
+    layer = CompressionEvent.from_geometry(geometry, 17, "layer")
+    head = CompressionEvent.from_geometry(geometry, 17, "head")
+    assert layer.kept_entries == 12 + 370 + 3 * 69 and head.kept_entries == 3 * (127 + 69)
+    assert layer.kept_tokens == pytest.approx(196 + 1 / 3)
 
 
 def test_event_of_a_short_request_keeps_everything():
     geometry = _geometry(40)
     assert not geometry.compresses
-    event = CompressionEvent.from_geometry(geometry, freed_blocks=0)
-    assert event == CompressionEvent(TOO_SHORT, 40, 40, 0) and event.kept_ratio == 1.0
-    assert CompressionEvent.opted_out(800) == CompressionEvent(OPTED_OUT, 800, 800, 0)
+    event = CompressionEvent.from_geometry(geometry, freed_blocks=0, policy="layer")
+    assert event == CompressionEvent(TOO_SHORT, 40, NUM_KV_HEADS, 40 * NUM_KV_HEADS, 0) and event.kept_ratio == 1.0
+    assert CompressionEvent.opted_out(800, 3) == CompressionEvent(OPTED_OUT, 800, 3, 2400, 0)
 
 
 @pytest.mark.parametrize(
     "row",
     [
-        ["shrunk", 10, 5, 1],  # unknown outcome
-        [COMPRESSED, 10, 11, 1],  # kept more than there was
-        [COMPRESSED, 10, 5, -1],
-        [COMPRESSED, 10.0, 5, 1],  # not an int
-        [COMPRESSED, 0, 0, 0],
-        [COMPRESSED, 10, 5],
+        ["shrunk", 10, 1, 5, 1],  # unknown outcome
+        [COMPRESSED, 10, 2, 21, 1],  # kept more than there was
+        [COMPRESSED, 10, 1, 5, -1],
+        [COMPRESSED, 10.0, 1, 5, 1],  # not an int
+        [COMPRESSED, 0, 1, 0, 0],
+        [COMPRESSED, 10, 0, 0, 0],
+        [COMPRESSED, 10, 1, 5],
         "compressed",
     ],
 )
@@ -87,7 +109,7 @@ def test_payload_round_trips_through_vllms_msgpack_codec():
     from vllm.v1.metrics.stats import SchedulerStats
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
-    events = [CompressionEvent(COMPRESSED, 1000, 283, 43), CompressionEvent.opted_out(77)]
+    events = [CompressionEvent(COMPRESSED, 1000, 3, 849, 43), CompressionEvent.opted_out(77, 3)]
     stats = SchedulerStats(num_running_reqs=3)
     attach_events(stats, events)
     stats.kvzip_extra = "dropped"  # what an extra attribute would suffer
@@ -104,7 +126,7 @@ def test_take_events_leaves_the_dict_as_vllm_made_it():
     assert take_events(stats) == [] and stats.kv_connector_stats is None
     attach_events(stats, [])
     assert stats.kv_connector_stats is None  # nothing to say: nothing attached
-    first, second = CompressionEvent.opted_out(5), CompressionEvent(COMPRESSED, 500, 100, 20)
+    first, second = CompressionEvent.opted_out(5, 1), CompressionEvent(COMPRESSED, 500, 1, 100, 20)
     attach_events(stats, [first])
     attach_events(stats, [second])  # merged, in order
     assert take_events(stats) == [first, second]
@@ -143,23 +165,24 @@ def test_metrics_sum_the_events_per_engine():
         for outcome in (COMPRESSED, TOO_SHORT, OPTED_OUT):
             assert _value(registry, "vllm:kvzip_requests_total", engine=engine, outcome=outcome) == 0
     events = [
-        CompressionEvent(COMPRESSED, 1000, 283, 43),
-        CompressionEvent(COMPRESSED, 800, 400, 20),
-        CompressionEvent.from_geometry(_geometry(40), 0),
-        CompressionEvent.opted_out(900),
+        CompressionEvent(COMPRESSED, 1000, 1, 283, 43),
+        CompressionEvent(COMPRESSED, 800, 3, 1201, 20),  # 400 + 1/3 tokens per head
+        CompressionEvent.from_geometry(_geometry(40), 0, "layer"),
+        CompressionEvent.opted_out(900, 3),
     ]
     metrics.observe(events, engine_idx=1)
-    metrics.observe([CompressionEvent(COMPRESSED, 100, 50, 2)], engine_idx=0)
+    metrics.observe([CompressionEvent(COMPRESSED, 100, 2, 100, 2)], engine_idx=0)
     assert _value(registry, "vllm:kvzip_requests_total", engine="1", outcome=COMPRESSED) == 2
     assert _value(registry, "vllm:kvzip_requests_total", engine="1", outcome=TOO_SHORT) == 1
     assert _value(registry, "vllm:kvzip_requests_total", engine="1", outcome=OPTED_OUT) == 1
     assert _value(registry, "vllm:kvzip_freed_blocks_total", engine="1") == 63
     assert _value(registry, "vllm:kvzip_context_tokens_total", engine="1") == 1800
-    assert _value(registry, "vllm:kvzip_kept_tokens_total", engine="1") == 683
+    assert _value(registry, "vllm:kvzip_kept_tokens_total", engine="1") == pytest.approx(683 + 1 / 3)
     assert _value(registry, "vllm:kvzip_kept_ratio_count", engine="1") == 2
-    assert _value(registry, "vllm:kvzip_kept_ratio_sum", engine="1") == pytest.approx(0.283 + 0.5)
+    assert _value(registry, "vllm:kvzip_kept_ratio_sum", engine="1") == pytest.approx(0.283 + 1201 / 2400)
     assert _value(registry, "vllm:kvzip_kept_ratio_bucket", engine="1", le="0.3") == 1
-    assert _value(registry, "vllm:kvzip_kept_ratio_bucket", engine="1", le="0.5") == 2
+    assert _value(registry, "vllm:kvzip_kept_ratio_bucket", engine="1", le="0.5") == 1  # 0.5004 is above 0.5
+    assert _value(registry, "vllm:kvzip_kept_ratio_bucket", engine="1", le="0.55") == 2
     assert _value(registry, "vllm:kvzip_kept_ratio_bucket", engine="1", le="0.25") == 0
     assert _value(registry, "vllm:kvzip_freed_blocks_total", engine="0") == 2
     with pytest.raises(KeyError):
@@ -168,7 +191,7 @@ def test_metrics_sum_the_events_per_engine():
 
 def test_a_new_instance_replaces_the_old_series():
     registry = CollectorRegistry()
-    CompressionMetrics("m", "streaming", [0], registry=registry).observe([CompressionEvent(COMPRESSED, 10, 5, 1)])
+    CompressionMetrics("m", "streaming", [0], registry=registry).observe([CompressionEvent(COMPRESSED, 10, 1, 5, 1)])
     assert _value(registry, "vllm:kvzip_freed_blocks_total", engine="0") == 1
     CompressionMetrics("m", "streaming", [0], registry=registry)  # no "Duplicated timeseries" error
     assert _value(registry, "vllm:kvzip_freed_blocks_total", engine="0") == 0
@@ -201,7 +224,7 @@ def test_vllms_logging_stat_logger_cannot_take_our_payload_by_itself(scheduler_f
 
     vllm_config = scheduler_factory().vllm_config
     stats = SchedulerStats()
-    attach_events(stats, [CompressionEvent.opted_out(5)])
+    attach_events(stats, [CompressionEvent.opted_out(5, 1)])
     with pytest.raises(AttributeError, match="connector_cls"):
         LoggingStatLogger(vllm_config).record(stats, None)
 
@@ -250,8 +273,9 @@ def test_stat_loggers_see_exact_numbers_from_the_scheduler(scheduler_factory):
     assert value("vllm:kvzip_requests_total", outcome=TOO_SHORT) == 1
     assert value("vllm:kvzip_requests_total", outcome=OPTED_OUT) == 2
     assert value("vllm:kvzip_kept_ratio_count") == 3
-    expected_ratios = [(g.per_head_budget + g.num_tokens - g.evictable_tokens) / g.num_tokens for g in compressed]
-    assert value("vllm:kvzip_kept_ratio_sum") == pytest.approx(sum(expected_ratios), abs=1e-12)
+    kept = [_kept_per_head(g) for g in compressed]
+    assert value("vllm:kvzip_kept_ratio_sum") == pytest.approx(sum(k / g.num_tokens for k, g in zip(kept, compressed)))
+    assert value("vllm:kvzip_kept_tokens_total") == pytest.approx(sum(kept))
     assert value("vllm:kvzip_freed_blocks_total") == sum(g.freed_blocks for g in compressed)
     assert value("vllm:kvzip_freed_blocks_total") == kvzip_manager(scheduler).total_freed_blocks
     assert value("vllm:kvzip_context_tokens_total") == 2000

@@ -2,8 +2,8 @@
 
 The numbers start in the engine core, where `KVzipManager` frees a request's
 gap blocks once its prefill is processed (`CompressionEvent`, exact: the freed
-count is the block pool's own and the kept count is the geometry's per-layer
-budget, which the worker's keep-sets meet exactly).  They travel to the
+count is the block pool's own, and the kept count follows from the geometry
+and the budget policy, which the worker's keep-sets meet exactly).  They travel to the
 process that serves `/metrics` inside vLLM's `SchedulerStats`, under one key of
 its free-form `kv_connector_stats` dict (`attach_events` / `take_events`), and
 `CompressionMetrics` turns them into Prometheus series there.  The vLLM side
@@ -12,8 +12,8 @@ of that trip lives in `vllm_kvzip.adapter.stats_api`.
 Metrics (labels `model_name`, `engine` as vLLM's own, and `method`):
 
 * `vllm:kvzip_kept_ratio` (histogram): per compressed request, the fraction of
-  its context KV that stays cached: (tokens kept per (layer, KV head) + dense
-  tail) / context tokens;
+  its context KV that stays cached: (scored tokens kept per (layer, KV head),
+  on average, + dense tail) / context tokens;
 * `vllm:kvzip_freed_blocks_total`: KV blocks given back to vLLM by compression;
 * `vllm:kvzip_requests_total{outcome}`: processed prefills by outcome:
   `compressed`, `too_short` (too few tokens before the window to free a
@@ -21,7 +21,8 @@ Metrics (labels `model_name`, `engine` as vLLM's own, and `method`):
   ratio 1);
 * `vllm:kvzip_context_tokens_total`, `vllm:kvzip_kept_tokens_total`: context
   tokens of compressed requests and how many of them stay cached (per layer
-  and KV head), so that their ratio is the token-weighted kept ratio.
+  and KV head, on average: not always an integer), so that their ratio is the
+  token-weighted kept ratio.
 
 A request that is preempted and recomputed is compressed again at its new
 length and counted again (its blocks were all freed and allocated anew).
@@ -50,47 +51,76 @@ KEPT_RATIO_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.
 
 @dataclass(frozen=True)
 class CompressionEvent:
-    """One processed prefill of a request in a compressing engine."""
+    """One processed prefill of a request in a compressing engine.
+
+    Sizes are counted in one layer's KV entries (one token of one KV head):
+    every layer keeps the same number, so that is exact for the whole request.
+    """
 
     outcome: str
     context_tokens: int  # tokens in the cache when the prefill completed
-    kept_tokens: int  # of those, cached after compression per (layer, KV head)
+    num_kv_heads: int
+    kept_entries: int  # of the layer's context_tokens * num_kv_heads entries, those still cached
     freed_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {self.outcome!r}; valid: {', '.join(OUTCOMES)}")
-        for name in ("context_tokens", "kept_tokens", "freed_blocks"):
+        for name in ("context_tokens", "num_kv_heads", "kept_entries", "freed_blocks"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if self.kept_tokens > self.context_tokens:
-            raise ValueError(f"kept_tokens {self.kept_tokens} > context_tokens {self.context_tokens}")
+        if self.num_kv_heads == 0:
+            raise ValueError("num_kv_heads must be positive")
+        if self.kept_entries > self.context_entries:
+            raise ValueError(f"kept_entries {self.kept_entries} > {self.context_entries} context entries")
         if self.outcome == COMPRESSED and self.context_tokens == 0:
             raise ValueError("a compressed request has context tokens")
 
     @classmethod
-    def from_geometry(cls, geometry: CompressionGeometry, freed_blocks: int) -> "CompressionEvent":
-        """A request the scheduler compressed (or found too short) with `freed_blocks` blocks freed."""
+    def from_geometry(cls, geometry: CompressionGeometry, freed_blocks: int, policy: str) -> "CompressionEvent":
+        """A request the scheduler compressed (or found too short), `freed_blocks` blocks freed.
+
+        The kept count is the one the worker's `keep_by_ratio(policy)` keeps in
+        every layer: known from the geometry alone (no worker message), and
+        exact (tests/scoring/test_policies.py checks the formula against the
+        keep-sets).  It can exceed `geometry.layer_budget` by up to H - 1: a
+        layer budget is floored once, not once per head.
+        """
+        heads = geometry.num_kv_heads
         if not geometry.compresses:
-            return cls(TOO_SHORT, geometry.num_tokens, geometry.num_tokens, 0)
+            return cls(TOO_SHORT, geometry.num_tokens, heads, heads * geometry.num_tokens, 0)
+        from vllm_kvzip.scoring.policies import layer_keep_count
+
+        scored = layer_keep_count(
+            geometry.keep_ratio, policy, heads, geometry.evictable_tokens, sink_tokens=geometry.sink_tokens, window=0
+        )
         tail = geometry.num_tokens - geometry.evictable_tokens
-        return cls(COMPRESSED, geometry.num_tokens, geometry.per_head_budget + tail, freed_blocks)
+        return cls(COMPRESSED, geometry.num_tokens, heads, scored + heads * tail, freed_blocks)
 
     @classmethod
-    def opted_out(cls, num_tokens: int) -> "CompressionEvent":
-        return cls(OPTED_OUT, num_tokens, num_tokens, 0)
+    def opted_out(cls, num_tokens: int, num_kv_heads: int) -> "CompressionEvent":
+        return cls(OPTED_OUT, num_tokens, num_kv_heads, num_tokens * num_kv_heads, 0)
+
+    @property
+    def context_entries(self) -> int:
+        return self.context_tokens * self.num_kv_heads
+
+    @property
+    def kept_tokens(self) -> float:
+        """Context tokens still cached, per (layer, KV head) on average."""
+        return self.kept_entries / self.num_kv_heads
 
     @property
     def kept_ratio(self) -> float:
-        return self.kept_tokens / self.context_tokens if self.context_tokens else 1.0
+        return self.kept_entries / self.context_entries if self.context_tokens else 1.0
 
     def to_row(self) -> list:
-        return [self.outcome, self.context_tokens, self.kept_tokens, self.freed_blocks]
+        return [self.outcome, self.context_tokens, self.num_kv_heads, self.kept_entries, self.freed_blocks]
 
     @classmethod
     def from_row(cls, row: Any) -> "CompressionEvent":
-        if not isinstance(row, (list, tuple)) or len(row) != 4:
+        if not isinstance(row, (list, tuple)) or len(row) != 5:
             raise ValueError(f"malformed compression event {row!r}")
         return cls(*row)
 

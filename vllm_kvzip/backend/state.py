@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_kvzip.config import KVCompressionConfig, request_keep_ratio
-
-DENSE_SLOT = 0
 # Budget policy of the vLLM path when the user gave none: the same count in
 # every layer (free across its heads) is what per-layer page packing holds
 # exactly (docs/design.md).
-DEFAULT_VLLM_POLICY = "layer"
+from vllm_kvzip.config import DEFAULT_VLLM_POLICY, KVCompressionConfig, request_keep_ratio  # noqa: F401
+
+DENSE_SLOT = 0
 
 
 class RaggedPageTable:

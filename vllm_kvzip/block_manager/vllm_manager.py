@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields, replace
 
 from vllm_kvzip.adapter.kv_cache_api import FullAttentionManager, FullAttentionSpec, register_spec
 from vllm_kvzip.block_manager.geometry import CompressionGeometry
-from vllm_kvzip.config import KVCompressionConfig
+from vllm_kvzip.config import DEFAULT_VLLM_POLICY, KVCompressionConfig
 from vllm_kvzip.metrics import CompressionEvent
 
 
@@ -101,7 +101,7 @@ class KVzipManager(FullAttentionManager):
         del self._pending[request_id]
         num_tokens, keep_ratio = pending
         if keep_ratio is None:
-            self._events.append(CompressionEvent.opted_out(num_tokens))
+            self._events.append(CompressionEvent.opted_out(num_tokens, self.kv_cache_spec.num_kv_heads))
             return
         geometry = self.geometry_for(num_tokens, keep_ratio)
         freed = 0
@@ -112,7 +112,8 @@ class KVzipManager(FullAttentionManager):
         self._compressed[request_id] = CompressionRecord(geometry=geometry, freed_blocks=freed)
         self.total_freed_blocks += freed
         self.total_compressed_requests += 1
-        self._events.append(CompressionEvent.from_geometry(geometry, freed))
+        policy = self.compression.policy or DEFAULT_VLLM_POLICY
+        self._events.append(CompressionEvent.from_geometry(geometry, freed, policy))
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
@@ -131,10 +132,10 @@ class KVzipManager(FullAttentionManager):
         """Events since the last call (the engine ships them with its scheduler stats).
 
         The metrics come from here, not from the worker: this is where blocks
-        are really freed (`freed_blocks` is the block pool's own count), and the
-        kept token count is the geometry's per-layer budget, which the worker's
-        keep-sets meet exactly (tests/test_e2e_compression.py checks it), so
-        no worker-to-scheduler message is needed.
+        are really freed (`freed_blocks` is the block pool's own count), and
+        the kept token count is known exactly without the worker (the budget
+        policy keeps a fixed count per layer, `CompressionEvent.from_geometry`),
+        so no worker-to-scheduler message is needed.
         """
         events, self._events = self._events, []
         return events

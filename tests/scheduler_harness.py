@@ -85,8 +85,11 @@ def make_request(num_prompt_tokens: int, max_tokens: int, extra_args: dict | Non
     return request
 
 
-def step(scheduler):
-    """One engine step: schedule, 'run the model', feed the output back. Returns the output."""
+def step(scheduler, engine_outputs: list | None = None):
+    """One engine step: schedule, 'run the model', feed the output back. Returns the output.
+
+    `engine_outputs` collects what the step hands to the front end (EngineCoreOutputs).
+    """
     from vllm.v1.outputs import ModelRunnerOutput
 
     output = scheduler.schedule()
@@ -100,7 +103,9 @@ def step(scheduler):
     runner_output = ModelRunnerOutput(
         req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled
     )
-    scheduler.update_from_output(output, runner_output)
+    outputs = scheduler.update_from_output(output, runner_output)
+    if engine_outputs is not None:
+        engine_outputs.extend(outputs.values())
     return output
 
 

@@ -49,6 +49,7 @@ def engine(embedded_model, surrogate_dir):
         max_model_len=4096,
         block_size=BLOCK_SIZE,
         seed=0,
+        disable_log_stats=False,  # vLLM's stat loggers run, so LLM.get_metrics() has vllm-kvzip's metrics
         additional_config={"kv_compression": {**SETTINGS, "surrogate": surrogate_dir}},
     )
     yield llm
@@ -176,3 +177,56 @@ def test_abort_after_compression_leaks_nothing(engine):
         llm_engine.step()
     assert pool.get_num_free_blocks() == start
     _assert_worker_state_follows_vllm(engine)
+
+
+def test_offline_metrics_count_what_the_scheduler_freed(engine, embedded_model):
+    """LLM.get_metrics() (engine core in this process) has the vllm:kvzip_* series, exact to the geometry."""
+    from vllm import SamplingParams, TokensPrompt
+
+    from vllm_kvzip.backend.state import get_state
+    from vllm_kvzip.block_manager.vllm_manager import KVzipManager
+    from vllm_kvzip.scoring.policies import layer_keep_count
+
+    labels = {"model_name": embedded_model, "engine": "0", "method": SETTINGS["method"]}
+
+    def snapshot():
+        return {
+            (metric.name, metric.labels.get("outcome")): metric
+            for metric in engine.get_metrics()
+            if metric.name.startswith("vllm:kvzip_") and all(metric.labels.get(k) == v for k, v in labels.items())
+        }
+
+    managers = _scheduler(engine).kv_cache_manager.coordinator.single_type_managers
+    manager = next(m for m in managers if isinstance(m, KVzipManager))
+    freed_before, before = manager.total_freed_blocks, snapshot()
+    per_request = [None, {"kv_compression_ratio": 0.5}, {"kv_compression": "none"}]
+    prompts = _prompts(engine, len(per_request))
+    params = [SamplingParams(temperature=0, max_tokens=4, extra_args=extra) for extra in per_request]
+    engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params)
+    after = snapshot()
+
+    num_kv_heads = get_state().num_kv_heads
+    geometries = [
+        CompressionGeometry(
+            num_tokens=len(prompt), block_size=BLOCK_SIZE, window=SETTINGS["window"], keep_ratio=ratio,
+            num_kv_heads=num_kv_heads, sink_tokens=4,
+        )
+        for prompt, ratio in zip(prompts[:2], (SETTINGS["keep_ratio"], 0.5))
+    ]
+    assert all(g.compresses for g in geometries)
+    ratios = [
+        (layer_keep_count(g.keep_ratio, "layer", num_kv_heads, g.evictable_tokens, sink_tokens=4, window=0)
+         / num_kv_heads + g.num_tokens - g.evictable_tokens) / g.num_tokens
+        for g in geometries
+    ]
+
+    def delta(name, outcome=None, field="value"):
+        return getattr(after[(name, outcome)], field) - getattr(before[(name, outcome)], field)
+
+    assert delta("vllm:kvzip_requests", "compressed") == 2
+    assert delta("vllm:kvzip_requests", "opted_out") == 1
+    assert delta("vllm:kvzip_kept_ratio", field="count") == 2
+    assert delta("vllm:kvzip_kept_ratio", field="sum") == pytest.approx(sum(ratios), abs=1e-9)
+    freed = sum(g.freed_blocks for g in geometries)
+    assert delta("vllm:kvzip_freed_blocks") == freed == manager.total_freed_blocks - freed_before
+    assert delta("vllm:kvzip_context_tokens") == sum(len(p) for p in prompts[:2])

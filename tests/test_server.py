@@ -119,3 +119,91 @@ def test_per_request_settings_and_their_errors(server):
     # The engine is still serving.
     again = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=4)
     assert again.choices[0].message.content is not None
+
+
+def _scrape(base) -> dict:
+    """/metrics as {(sample name, frozenset(labels)): value}."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_match_the_geometry(server, embedded_model):
+    """vllm:kvzip_* on /metrics (API server process) count what the engine core freed, exactly."""
+    import json
+
+    from openai import OpenAI
+
+    from vllm_kvzip.block_manager.geometry import CompressionGeometry
+    from vllm_kvzip.scoring.policies import layer_keep_count
+
+    base, log_path = server
+    client = OpenAI(base_url=f"{base}/v1", api_key="none")
+    num_kv_heads = json.loads(open(os.path.join(embedded_model, "config.json")).read())["num_key_value_heads"]
+    labels = {"model_name": "smollm2", "engine": "0", "method": "streaming"}
+
+    def value(snapshot, name, **extra):
+        return snapshot.get((name, frozenset({**labels, **extra}.items())), 0.0)
+
+    before = _scrape(base)
+    assert ("vllm:kvzip_freed_blocks_total", frozenset(labels.items())) in before  # exposed from the start
+    assert ("vllm:num_requests_running", frozenset({"model_name": "smollm2", "engine": "0"}.items())) in before
+
+    def ask(budget, seed, extra=None):
+        example = make_example("needle", seed, token_budget=budget)
+        reply = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": example.context + "\n\n" + example.questions[0].text}],
+            max_tokens=4, temperature=0, extra_body={"vllm_xargs": extra} if extra else None,
+        )
+        return reply.usage.prompt_tokens
+
+    compressed = []  # (prompt tokens, keep ratio)
+    for budget, seed, ratio in ((300, 0, None), (600, 1, None), (450, 2, 0.5)):
+        compressed.append((ask(budget, seed, {"kv_compression_ratio": ratio} if ratio else None), ratio or 0.3))
+    opted_out_tokens = ask(400, 3, {"kv_compression": "none"})
+    short = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert opted_out_tokens > 200 and short.usage.prompt_tokens < 64 + 16  # below window + one block
+
+    geometries = [
+        CompressionGeometry(num_tokens=tokens, block_size=16, window=64, keep_ratio=ratio,
+                            num_kv_heads=num_kv_heads, sink_tokens=4)
+        for tokens, ratio in compressed
+    ]
+    assert all(geometry.compresses for geometry in geometries)
+    deadline = time.time() + 30
+    while True:  # the stats of the last step may still be on their way to the API server
+        after = _scrape(base)
+        delta = {key: after[key] - before.get(key, 0.0) for key in after}
+        if value(delta, "vllm:kvzip_requests_total", outcome="too_short") >= 1 or time.time() > deadline:
+            break
+        time.sleep(0.5)
+
+    assert value(delta, "vllm:kvzip_requests_total", outcome="compressed") == 3
+    assert value(delta, "vllm:kvzip_requests_total", outcome="opted_out") == 1
+    assert value(delta, "vllm:kvzip_requests_total", outcome="too_short") == 1
+    assert value(delta, "vllm:kvzip_kept_ratio_count") == 3
+    # Kept per (layer, KV head): the default "layer" policy keeps floor(r * H * scored) + H * sinks
+    # tokens in every layer, plus the dense tail.
+    kept = [
+        layer_keep_count(g.keep_ratio, "layer", num_kv_heads, g.evictable_tokens, sink_tokens=4, window=0) / num_kv_heads
+        + g.num_tokens - g.evictable_tokens
+        for g in geometries
+    ]
+    ratios = [k / g.num_tokens for k, g in zip(kept, geometries)]
+    assert value(delta, "vllm:kvzip_kept_ratio_sum") == pytest.approx(sum(ratios), abs=1e-9)
+    assert value(delta, "vllm:kvzip_freed_blocks_total") == sum(g.freed_blocks for g in geometries)
+    assert value(delta, "vllm:kvzip_context_tokens_total") == sum(g.num_tokens for g in geometries)
+    assert value(delta, "vllm:kvzip_kept_tokens_total") == pytest.approx(sum(kept), abs=1e-9)
+
+    # The worker's per-request log line states the same numbers, from its real keep-sets.
+    log = log_path.read_text()
+    for keep, geometry in zip(kept, geometries):
+        text = f"{keep:.0f}" if float(keep).is_integer() else f"{keep:.2f}"
+        assert f"kept {text} of {geometry.num_tokens} context tokens (ratio {keep / geometry.num_tokens:.4f};" in log
+        assert f"freed {geometry.freed_blocks} of {-(-geometry.num_tokens // 16)} blocks" in log

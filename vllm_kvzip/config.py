@@ -33,6 +33,8 @@ KVZAP_METHODS: tuple[str, ...] = ("kvzap-linear", "kvzap-mlp")
 # best: every layer keeps the same number of tokens, so the pages it needs are
 # known before scoring (see docs/design.md).
 POLICIES: tuple[str, ...] = ("global", "layer", "head", "adakv")
+# Policy of the vLLM path when the user gave none.
+DEFAULT_VLLM_POLICY = "layer"
 
 MethodName = Literal[
     "none", "kvzip", "kvzip-plus", "kvzap-linear", "kvzap-mlp", "head", "snapkv", "streaming", "random"

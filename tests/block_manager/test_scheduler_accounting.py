@@ -116,9 +116,13 @@ def test_freed_blocks_admit_more_requests(compressing_scheduler_factory, embedde
 def test_random_workloads_never_leak_or_double_free(compressing_scheduler_factory, requests, abort_at, num_blocks):
     from vllm.v1.request import RequestStatus
 
+    from vllm_kvzip.metrics import COMPRESSED, take_events
+
     scheduler = compressing_scheduler_factory(num_blocks=num_blocks)
+    manager = kvzip_manager(scheduler)
     pool = scheduler.kv_cache_manager.block_pool
     start = free_blocks(scheduler)
+    engine_outputs = []
     added = []
     for prompt, max_tokens, ratio in requests:
         if cdiv(prompt + max_tokens, BLOCK) >= num_blocks - 1:
@@ -133,7 +137,7 @@ def test_random_workloads_never_leak_or_double_free(compressing_scheduler_factor
             scheduler.finish_requests(victim, RequestStatus.FINISHED_ABORTED)
         if not scheduler.requests:
             break
-        step(scheduler)
+        step(scheduler, engine_outputs)
         # A block is never both free and held by a request (no double free).
         held = {
             block.block_id
@@ -146,6 +150,11 @@ def test_random_workloads_never_leak_or_double_free(compressing_scheduler_factor
         assert len(held) + len(free_ids) == num_blocks - 1  # every block but the null block is accounted for
     assert not scheduler.requests
     assert free_blocks(scheduler) == start
+    # The metrics' events (shipped with the scheduler stats) tell exactly what the manager freed.
+    events = [event for outputs in engine_outputs for event in take_events(outputs.scheduler_stats)]
+    assert sum(event.freed_blocks for event in events) == manager.total_freed_blocks
+    assert sum(event.outcome != "opted_out" for event in events) == manager.total_compressed_requests
+    assert all((event.freed_blocks > 0) == (event.outcome == COMPRESSED) for event in events)
 
 
 def test_preempted_request_is_compressed_again_at_its_new_length(compressing_scheduler_factory):

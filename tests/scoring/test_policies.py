@@ -6,7 +6,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_kvzip.scoring.policies import ADAKV_SAFEGUARD, keep_by_ratio, keep_by_threshold, protected_mask
+import pytest
+
+from vllm_kvzip.scoring.policies import (
+    ADAKV_SAFEGUARD,
+    keep_by_ratio,
+    keep_by_threshold,
+    layer_keep_count,
+    protected_mask,
+)
 
 
 @st.composite
@@ -55,6 +63,25 @@ def test_ratio_policies_keep_exact_counts_and_protected(problem, policy):
         for values, kept in groups:
             if kept.any() and (~kept).any():
                 assert values[kept].min() >= values[~kept].max(), "a lower score was kept over a higher one"
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), st.sampled_from(["layer", "head", "adakv"]))
+def test_layer_keep_count_is_what_every_layer_keeps(problem, policy):
+    """The scheduler's metrics count kept tokens with layer_keep_count, without seeing the scores."""
+    scores, ratio, sinks, window = problem
+    layers, heads, tokens = scores.shape
+    keep = keep_by_ratio(scores, ratio, policy, sink_tokens=sinks, window=window)
+    expected = layer_keep_count(ratio, policy, heads, tokens, sink_tokens=sinks, window=window)
+    assert keep.kept_counts.sum(dim=-1).tolist() == [expected] * layers
+
+
+def test_layer_keep_count_floors_once_per_layer():
+    # 3 heads, 412 evictable tokens each at 0.3: floor(370.8) = 370 for the layer, 3 * floor(123.6) = 369 per head.
+    assert layer_keep_count(0.3, "layer", 3, 416, sink_tokens=4, window=0) == 12 + 370
+    assert layer_keep_count(0.3, "head", 3, 416, sink_tokens=4, window=0) == 3 * (4 + 123)
+    with pytest.raises(ValueError, match="depends on the scores"):
+        layer_keep_count(0.3, "global", 3, 416)
 
 
 @settings(max_examples=100, deadline=None)

@@ -20,7 +20,7 @@ def install() -> None:
     with _install_lock:
         if _installed:
             return
-        from vllm_kvzip.adapter import cli, engine, kv_cache_api, registry, runner_hooks, vllm_api
+        from vllm_kvzip.adapter import cli, engine, kv_cache_api, registry, runner_hooks, stats_api, vllm_api
 
         vllm_api.check_vllm_version()
         registry.register_attention_backends()
@@ -28,6 +28,7 @@ def install() -> None:
         engine.install_request_validation()
         kv_cache_api.install_kv_cache_hooks()
         runner_hooks.install_runner_hooks()
+        stats_api.install_stats_hooks()
         # Registers KVzipAttentionSpec -> KVzipManager with vLLM's spec registry.
         import vllm_kvzip.block_manager.vllm_manager  # noqa: F401
         _installed = True

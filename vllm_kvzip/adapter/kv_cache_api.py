@@ -63,8 +63,10 @@ def install_kv_cache_hooks() -> None:
         if ranges:
             for manager in self.kv_cache_manager.coordinator.single_type_managers:
                 if isinstance(manager, KVzipManager):
-                    for request_id, (admission_tokens, block_ranges) in ranges.items():
-                        manager.free_worker_ranges(request_id, admission_tokens, block_ranges)
+                    for request_id, report in ranges.items():
+                        manager.free_worker_ranges(
+                            request_id, report["admission"], report["ranges"], report["kept_entries"]
+                        )
         return original_update_from_output(self, scheduler_output, model_runner_output)
 
     Attention.get_kv_cache_spec = get_kv_cache_spec

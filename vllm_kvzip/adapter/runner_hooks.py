@@ -225,10 +225,15 @@ def attach_freed_block_ranges(output, ranges) -> None:
     """
     target = getattr(output, "_model_runner_output", output)
     previous = getattr(target, FREED_RANGES_ATTRIBUTE, None) or {}
-    for request_id, (admission, request_ranges) in ranges.items():
-        if request_id in previous and previous[request_id][0] == admission:
-            request_ranges = previous[request_id][1] + request_ranges
-        previous[request_id] = (admission, request_ranges)
+    for request_id, report in ranges.items():
+        earlier = previous.get(request_id)
+        if earlier is not None and earlier["admission"] == report["admission"]:
+            report = {
+                "admission": report["admission"],
+                "ranges": earlier["ranges"] + report["ranges"],
+                "kept_entries": earlier["kept_entries"] if earlier["kept_entries"] is not None else report["kept_entries"],
+            }
+        previous[request_id] = report
     setattr(target, FREED_RANGES_ATTRIBUTE, previous)
 
 

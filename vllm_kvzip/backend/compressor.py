@@ -177,7 +177,7 @@ def retire_dense_blocks(
     entry.evictable_tokens = end_block * bs
     entry.kept_tokens = int(plan.kept_len.sum())
     entry.retirements += 1
-    state.report_freed_blocks(entry, first_block + plan.new_containers, end_block)
+    state.report_freed_blocks(entry, first_block + plan.new_containers, end_block, num_tokens)
     state.record_retirement(entry, num_tokens, freed, time.perf_counter() - started)
     return freed
 

@@ -19,13 +19,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_kvzip.config import KVCompressionConfig, request_keep_ratio, request_uses_threshold
-
-DENSE_SLOT = 0
 # Budget policy of the vLLM path when the user gave none: the same count in
 # every layer (free across its heads) is what per-layer page packing holds
 # exactly (docs/design.md).
-DEFAULT_VLLM_POLICY = "layer"
+from vllm_kvzip.config import (  # noqa: F401
+    DEFAULT_VLLM_POLICY,
+    KVCompressionConfig,
+    request_keep_ratio,
+    request_uses_threshold,
+)
+
+DENSE_SLOT = 0
 
 
 class RaggedPageTable:
@@ -121,8 +125,9 @@ class WorkerCompressionState:
         self.total_freed_blocks = 0
         self.total_retirements = 0  # decode-time (DMS) foldings of the dense tail
         # Threshold mode: blocks the worker freed, for the scheduler (sent with the
-        # next ModelRunnerOutput): request id -> (admission tokens, [(first, end) logical blocks]).
-        self.freed_block_ranges: dict[str, tuple[int, list[tuple[int, int]]]] = {}
+        # next ModelRunnerOutput): request id -> {"admission": tokens at admission, "ranges":
+        # [(first, end) logical blocks], "kept_entries": first folding's kept count or None}.
+        self.freed_block_ranges: dict[str, dict] = {}
         # Debugging / tests: keep masks [L, H, evictable] by request id
         # (VLLM_KVZIP_RECORD_KEEP_SETS=1 turns it on).
         self.recorded_keep_sets: dict[str, torch.Tensor] | None = (
@@ -144,19 +149,7 @@ class WorkerCompressionState:
         self.total_kept_tokens += entry.kept_tokens
         self.total_evictable_tokens += entry.evictable_tokens * pairs
         self.total_freed_blocks += geometry.freed_blocks
-        kept_per_head = entry.kept_tokens / pairs
-        logger().info(
-            "vllm-kvzip: request %s compressed (%s): kept %.0f of %d context tokens per (layer, head) "
-            "+ %d dense tail tokens, freed %d of %d blocks, %.1f ms",
-            entry.request_id,
-            self.config.method,
-            kept_per_head,
-            entry.evictable_tokens,
-            geometry.num_tokens - geometry.evictable_tokens,
-            geometry.freed_blocks,
-            -(-geometry.num_tokens // geometry.block_size),
-            seconds * 1e3,
-        )
+        logger().info("vllm-kvzip: %s", compression_log_line(entry, geometry, pairs, self.config.method, seconds))
 
     def record_retirement(self, entry: "RequestEntry", num_tokens: int, freed_blocks: int, seconds: float) -> None:
         """Threshold mode: one folding of the dense tail (the first one happens right after the prefill)."""
@@ -205,12 +198,18 @@ class WorkerCompressionState:
         if entry is not None and entry.slot != DENSE_SLOT:
             self.table.release(entry.slot)
 
-    def report_freed_blocks(self, entry: RequestEntry, first_block: int, end_block: int) -> None:
-        admission, ranges = self.freed_block_ranges.setdefault(entry.request_id, (entry.admission_tokens, []))
-        ranges.append((first_block, end_block))
+    def report_freed_blocks(self, entry: RequestEntry, first_block: int, end_block: int, num_tokens: int) -> None:
+        report = self.freed_block_ranges.setdefault(
+            entry.request_id, {"admission": entry.admission_tokens, "ranges": [], "kept_entries": None}
+        )
+        report["ranges"].append((first_block, end_block))
+        if entry.retirements == 1:
+            # First folding: what one layer keeps on average (scored kept + dense tail), for the metrics.
+            tail = num_tokens - entry.evictable_tokens
+            report["kept_entries"] = round(entry.kept_tokens / self.num_layers) + self.num_kv_heads * tail
         self.total_freed_blocks += end_block - first_block
 
-    def take_freed_block_ranges(self) -> dict[str, tuple[int, list[tuple[int, int]]]]:
+    def take_freed_block_ranges(self) -> dict[str, dict]:
         ranges, self.freed_block_ranges = self.freed_block_ranges, {}
         return ranges
 
@@ -233,6 +232,24 @@ def install_state(config: KVCompressionConfig, kv_cache_spec, layer_names, vllm_
     state.load_method_assets(vllm_config.model_config)
     set_state(state)
     return state
+
+
+def compression_log_line(entry: RequestEntry, geometry, pairs: int, method: str, seconds: float) -> str:
+    """What one compression did, from the worker's real keep counts (vllm:kvzip_* metrics give the same numbers).
+
+    "kept K of T context tokens": per (layer, KV head), the kept scored tokens
+    plus the dense tail, out of the T tokens of the prefill.
+    """
+    kept_per_head = entry.kept_tokens / pairs
+    tail = geometry.num_tokens - geometry.evictable_tokens
+    kept = kept_per_head + tail
+    kept_text = f"{kept:.0f}" if float(kept).is_integer() else f"{kept:.2f}"
+    return (
+        f"request {entry.request_id} compressed ({method}): kept {kept_text} of {geometry.num_tokens} context tokens "
+        f"(ratio {kept / geometry.num_tokens:.4f}; {kept_per_head:g} of {entry.evictable_tokens} scored tokens per "
+        f"(layer, KV head) + {tail} dense tail tokens), freed {geometry.freed_blocks} of "
+        f"{-(-geometry.num_tokens // geometry.block_size)} blocks, {seconds * 1e3:.1f} ms"
+    )
 
 
 def logger():

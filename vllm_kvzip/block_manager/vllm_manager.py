@@ -22,7 +22,8 @@ from dataclasses import dataclass, fields, replace
 
 from vllm_kvzip.adapter.kv_cache_api import FullAttentionManager, FullAttentionSpec, register_spec
 from vllm_kvzip.block_manager.geometry import CompressionGeometry
-from vllm_kvzip.config import KVCompressionConfig
+from vllm_kvzip.config import DEFAULT_VLLM_POLICY, KVCompressionConfig
+from vllm_kvzip.metrics import COMPRESSED, CompressionEvent
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,8 +63,9 @@ class KVzipManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: KVzipAttentionSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.compression = kv_cache_spec.compression
-        # request id -> (tokens at compression, keep ratio) decided at admission.
-        self._pending: dict[str, tuple[int, float]] = {}
+        # request id -> (tokens at compression, keep ratio) decided at admission;
+        # keep ratio None: the request opted out and stays dense.
+        self._pending: dict[str, tuple[int, float | None]] = {}
         self._compressed: dict[str, CompressionRecord] = {}
         # Threshold mode: request id -> tokens at admission; blocks freed so far.
         self._threshold: dict[str, int] = {}
@@ -71,6 +73,9 @@ class KVzipManager(FullAttentionManager):
         self.threshold_freed_blocks: dict[str, int] = {}
         self.total_freed_blocks = 0
         self.total_compressed_requests = 0
+        # One event per processed prefill, until the engine ships them to the
+        # API server's metrics (`drain_events`, called every engine step).
+        self._events: list[CompressionEvent] = []
 
     # -- lifecycle ---------------------------------------------------------------------
     def note_admission(
@@ -87,12 +92,17 @@ class KVzipManager(FullAttentionManager):
         if threshold_mode:
             self._pending.pop(request_id, None)
             self._threshold[request_id] = num_tokens
-        elif keep_ratio is None or keep_ratio >= 1.0:
-            self._pending.pop(request_id, None)
-        else:
-            self._pending[request_id] = (num_tokens, keep_ratio)
+            return
+        dense = keep_ratio is None or keep_ratio >= 1.0
+        self._pending[request_id] = (num_tokens, None if dense else keep_ratio)
 
-    def free_worker_ranges(self, request_id: str, admission_tokens: int, block_ranges: list[tuple[int, int]]) -> int:
+    def free_worker_ranges(
+        self,
+        request_id: str,
+        admission_tokens: int,
+        block_ranges: list[tuple[int, int]],
+        kept_entries: int | None = None,
+    ) -> int:
         """Threshold mode: free logical blocks `[first, end)` the worker's compaction emptied.
 
         The worker reports them with the step's output, after the moves were
@@ -109,6 +119,15 @@ class KVzipManager(FullAttentionManager):
         if request_id not in self._compressed_threshold:
             self._compressed_threshold.add(request_id)
             self.total_compressed_requests += 1
+            if kept_entries is not None:
+                # The first folding (right after the prefill): one metrics event per request,
+                # with the kept count the worker measured (averaged over layers: they differ here).
+                self._events.append(
+                    CompressionEvent(
+                        COMPRESSED, admission_tokens, self.kv_cache_spec.num_kv_heads,
+                        min(kept_entries, admission_tokens * self.kv_cache_spec.num_kv_heads), freed,
+                    )
+                )
         self.threshold_freed_blocks[request_id] = self.threshold_freed_blocks.get(request_id, 0) + freed
         self.total_freed_blocks += freed
         return freed
@@ -132,7 +151,11 @@ class KVzipManager(FullAttentionManager):
         # The prefill (and with it the worker's compaction, enqueued in that
         # step) is processed: later users of the freed blocks run after it.
         del self._pending[request_id]
-        geometry = self.geometry_for(*pending)
+        num_tokens, keep_ratio = pending
+        if keep_ratio is None:
+            self._events.append(CompressionEvent.opted_out(num_tokens, self.kv_cache_spec.num_kv_heads))
+            return
+        geometry = self.geometry_for(num_tokens, keep_ratio)
         freed = 0
         if geometry.compresses:
             before = self.block_pool.get_num_free_blocks()
@@ -141,6 +164,8 @@ class KVzipManager(FullAttentionManager):
         self._compressed[request_id] = CompressionRecord(geometry=geometry, freed_blocks=freed)
         self.total_freed_blocks += freed
         self.total_compressed_requests += 1
+        policy = self.compression.policy or DEFAULT_VLLM_POLICY
+        self._events.append(CompressionEvent.from_geometry(geometry, freed, policy))
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
@@ -157,6 +182,18 @@ class KVzipManager(FullAttentionManager):
     # -- accounting --------------------------------------------------------------------
     def compression_record(self, request_id: str) -> CompressionRecord | None:
         return self._compressed.get(request_id)
+
+    def drain_events(self) -> list[CompressionEvent]:
+        """Events since the last call (the engine ships them with its scheduler stats).
+
+        The metrics come from here, not from the worker: this is where blocks
+        are really freed (`freed_blocks` is the block pool's own count), and
+        the kept token count is known exactly without the worker (the budget
+        policy keeps a fixed count per layer, `CompressionEvent.from_geometry`),
+        so no worker-to-scheduler message is needed.
+        """
+        events, self._events = self._events, []
+        return events
 
 
 def register_kvzip_spec() -> None:

@@ -61,6 +61,25 @@ def budget(keep_ratio: float, count: int) -> int:
     return int(keep_ratio * count + _FLOOR_EPSILON) if count > 0 else 0
 
 
+def layer_keep_count(
+    keep_ratio: float, policy: str, num_heads: int, num_tokens: int, *, sink_tokens: int = 4, window: int = 128
+) -> int:
+    """Tokens one layer keeps over its `num_heads` heads with `keep_by_ratio` (protected included).
+
+    Known before scoring for every policy but "global" (whose split between
+    layers depends on the scores): the scheduler counts kept tokens with it.
+    """
+    if policy not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICY_NAMES)}")
+    if policy == "global":
+        raise ValueError("the global policy's per-layer count depends on the scores")
+    protected = min(num_tokens, sink_tokens + window)
+    evictable = num_tokens - protected
+    if policy == "head":
+        return num_heads * (protected + budget(keep_ratio, evictable))
+    return num_heads * protected + budget(keep_ratio, num_heads * evictable)  # layer, adakv
+
+
 def _keep_top_per_group(scores: Tensor, evictable: Tensor, counts: Tensor) -> Tensor:
     """Keep the `counts[g]` highest evictable scores of every row g of `scores` [G, N].
 

@@ -59,6 +59,8 @@ def dense_backend(name: str | None = None):
     """
     if name not in (None, "", *DENSE_BACKENDS):
         raise ValueError(f"VLLM_KVZIP_PREFILL_BACKEND={name!r}; valid values: {', '.join(DENSE_BACKENDS)}")
+    if name in (None, "") and _model_dtype_is_float32():
+        name = "TRITON_ATTN"  # FlashAttention has no float32 kernels
     if name in (None, "", "FLASH_ATTN"):
         try:
             from vllm.v1.attention.backends import flash_attn
@@ -77,3 +79,12 @@ def slice_common_metadata(metadata, first_row: int, end_row: int, first_token: i
 
     token_end = int(metadata.query_start_loc_cpu[end_row])
     return _make_metadata_with_slice(UBatchSlice(slice(first_row, end_row), slice(first_token, token_end)), metadata)
+
+
+def _model_dtype_is_float32() -> bool:
+    import torch
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    model_config = getattr(vllm_config, "model_config", None)
+    return model_config is not None and model_config.dtype == torch.float32

@@ -138,17 +138,19 @@ def test_long_generation_stays_within_the_threshold_bound(engine):
     peak_held = 0
     generated = 0
     checked = 0
+    request_id = None  # the engine's id: vLLM suffixes the one given to add_request
     while llm_engine.has_unfinished_requests():
         for output in llm_engine.step():
             generated = len(output.outputs[0].token_ids)
-        entry = state.requests.get("long")
-        held = _held_blocks(manager, "long")
+        request_id = request_id or next((key for key in manager.req_to_blocks if key.startswith("long")), None)
+        entry = state.requests.get(request_id)
+        held = _held_blocks(manager, request_id)
         peak_held = max(peak_held, held)
-        if entry is None or not entry.compressed or not manager.threshold_freed_blocks.get("long"):
+        if entry is None or not entry.compressed or not manager.threshold_freed_blocks.get(request_id):
             continue
         if state.freed_block_ranges:
             continue  # the worker's report reaches the scheduler with the next step
-        keep = state.recorded_keep_sets["long"]
+        keep = state.recorded_keep_sets[request_id]
         assert keep.shape[-1] == entry.dense_start_block * BLOCK_SIZE
         kept = keep.sum(dim=-1)
         # Tokens in the cache: the prompt and every generated token but the newest.
@@ -178,11 +180,11 @@ def test_abort_and_preemption_in_threshold_mode_leak_nothing(engine):
         llm_engine.add_request(f"t-{index}", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=150, ignore_eos=True))
     for _ in range(40):
         llm_engine.step()
-    llm_engine.abort_request(["t-1"])
+    llm_engine.abort_request(["t-1"])  # external id: vLLM maps it to its own
     # Preempt t-0 the way vLLM does under memory pressure: its blocks go back, it recomputes later.
     scheduler = _scheduler(engine)
-    request = scheduler.requests["t-0"]
-    assert manager.threshold_freed_blocks.get("t-0"), "t-0 should be compressed before it is preempted"
+    request = next(request for key, request in scheduler.requests.items() if key.startswith("t-0"))
+    assert manager.threshold_freed_blocks.get(request.request_id), "t-0 should be compressed before it is preempted"
     scheduler.running.remove(request)
     scheduler._preempt_request(request, 0.0)
     finished = {}

@@ -77,3 +77,15 @@ def slice_common_metadata(metadata, first_row: int, end_row: int, first_token: i
 
     token_end = int(metadata.query_start_loc_cpu[end_row])
     return _make_metadata_with_slice(UBatchSlice(slice(first_row, end_row), slice(first_token, token_end)), metadata)
+
+
+def current_layer_metadata(layer_name: str):
+    """The attention metadata vLLM's forward context holds for `layer_name` (None outside a forward)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, dict):
+        return metadata.get(layer_name)
+    return metadata

@@ -62,6 +62,7 @@ def kvzip_chunk_scores(
     scaling: float,
     plus: KVzipPlusTerms | None = None,
     score_rows: tuple[int, int] | None = None,
+    max_elements: int = 2**24,
 ) -> Tensor:
     """KVzip reconstruction scores of one context chunk: [H, m] (float32).
 
@@ -80,8 +81,8 @@ def kvzip_chunk_scores(
 
     Deviation: the reference takes the softmax in the model dtype (bf16); we
     take it in float32 so that the oracle does not depend on the dtype.
-    Memory is O(G q (s + m + q)) per KV head: chunk x chunk, never context^2,
-    because the loop below runs one KV head at a time.
+    Memory is O(G q (s + m + q)) per KV head: chunk x chunk, never context^2;
+    KV heads are batched only while their logits stay under `max_elements`.
     """
     num_kv_heads, group_size, num_queries, _ = queries.shape
     num_sink, num_chunk = keys_sink.shape[1], keys_chunk.shape[1]
@@ -89,20 +90,23 @@ def kvzip_chunk_scores(
         raise ValueError(f"keys_repeat has {keys_repeat.shape[1]} tokens but there are {num_queries} repeat queries")
     rows = slice(*score_rows) if score_rows is not None else slice(0, num_queries)
     # Repeat query j sees repeat key i only if i <= j.
-    causal = torch.ones(num_queries, num_queries, dtype=torch.bool, device=queries.device).tril()
+    hidden_from = ~torch.ones(num_queries, num_queries, dtype=torch.bool, device=queries.device).tril()
     value_norms = None
     if plus is not None:
         value_norms = output_value_norms(plus.values_chunk, plus.o_proj_weight, group_size)  # [H, G, m]
         inverse_hidden = 1.0 / plus.hidden_norms.float().clamp_min(torch.finfo(torch.float32).tiny)
     scores = torch.empty(num_kv_heads, num_chunk, dtype=torch.float32, device=queries.device)
-    for head in range(num_kv_heads):
-        keys = torch.cat([keys_sink[head], keys_chunk[head], keys_repeat[head]], dim=0).float()
-        logits = torch.einsum("gqd,kd->gqk", queries[head].float(), keys) * scaling
-        logits[:, :, num_sink + num_chunk :].masked_fill_(~causal, float("-inf"))
-        weights = logits.softmax(dim=-1)[:, :, num_sink : num_sink + num_chunk]  # [G, q, m]
+    per_head = group_size * num_queries * (num_sink + num_chunk + num_queries)
+    step = max(1, min(num_kv_heads, max_elements // max(1, per_head)))
+    for first in range(0, num_kv_heads, step):
+        heads = slice(first, min(first + step, num_kv_heads))
+        keys = torch.cat([keys_sink[heads], keys_chunk[heads], keys_repeat[heads]], dim=1).float()  # [h, K, d]
+        logits = torch.matmul(queries[heads].float(), keys[:, None].transpose(-1, -2)) * scaling  # [h, G, q, K]
+        logits[..., num_sink + num_chunk :].masked_fill_(hidden_from, float("-inf"))
+        weights = logits.softmax(dim=-1)[..., num_sink : num_sink + num_chunk]  # [h, G, q, m]
         if plus is not None:
-            weights = weights * inverse_hidden[None, :, None] * value_norms[head][:, None, :]
-        scores[head] = weights[:, rows].amax(dim=(0, 1))
+            weights = weights * inverse_hidden[None, None, :, None] * value_norms[heads][:, :, None, :]
+        scores[heads] = weights[:, :, rows].amax(dim=(1, 2))
     return scores
 
 

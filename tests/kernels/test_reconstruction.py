@@ -16,9 +16,11 @@ import torch
 from vllm_kvzip.backend.reconstruction import (
     ReconstructionMetadata,
     gather_context_kv,
+    linear_weight,
     reconstruction_attention,
     repeat_attention,
 )
+from vllm_kvzip.scoring.functional import output_projection_gram
 from vllm_kvzip.scoring.reconstruction import (
     OVERLAP_TOKENS,
     RepeatPrompt,
@@ -106,7 +108,7 @@ def _layer_case(generator, *, plus: bool):
         scores=scores,
         layer_index={"layer.0": 0, "layer.1": 1},
         plus=plus,
-        o_proj_weights={"layer.1": weight} if plus else None,
+        o_proj_grams={"layer.1": output_projection_gram(weight, num_kv_heads, num_heads // num_kv_heads)} if plus else None,
         hidden_norms={"layer.1": norms} if plus else {},
     )
     return cache, keys, values, query, key, value, weight, norms, metadata
@@ -138,6 +140,32 @@ def test_reconstruction_attention_output_scores_and_no_cache_write(plus):
     # A KVzip (not plus) score is an attention weight: in (0, 1].
     if not plus:
         assert torch.all((expected_scores > 0) & (expected_scores <= 1))
+
+
+def test_linear_weight_reads_the_matrix_through_the_layer():
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(5, 12, generator=generator)
+    bias = torch.randn(5, generator=generator)
+
+    class QuantMethod:  # vLLM's linear layers: quant_method.apply(layer, x, bias), forward -> (out, bias)
+        def apply(self, layer, x, bias=None):
+            return torch.nn.functional.linear(x, layer.packed, bias)
+
+    class VLLMLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.packed = torch.nn.Parameter(weight.clone(), requires_grad=False)
+            self.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+            self.quant_method = QuantMethod()
+
+        def forward(self, x):
+            return self.quant_method.apply(self, x, self.bias), None
+
+    assert torch.equal(linear_weight(VLLMLinear(), 12), weight)
+    plain = torch.nn.Linear(12, 5, bias=False)
+    assert torch.equal(linear_weight(plain, 12), plain.weight.detach())
+    with_bias = torch.nn.Linear(12, 5)
+    torch.testing.assert_close(linear_weight(with_bias, 12), with_bias.weight.detach())
 
 
 def test_kvzip_plus_without_recorded_norms_fails_loudly():
@@ -197,7 +225,7 @@ def test_reconstruction_attention_on_cuda_matches_the_cpu_path(dtype):
         cuda_metadata.block_ids = cuda_metadata.block_ids.cuda()
         cuda_metadata.scores = cuda_metadata.scores.cuda()
         if plus:
-            cuda_metadata.o_proj_weights = {name: w.cuda() for name, w in cuda_metadata.o_proj_weights.items()}
+            cuda_metadata.o_proj_grams = {name: g.cuda() for name, g in cuda_metadata.o_proj_grams.items()}
             cuda_metadata.hidden_norms = {name: n.cuda() for name, n in cuda_metadata.hidden_norms.items()}
         cuda_out = torch.zeros_like(q).cuda()
         reconstruction_attention("layer.1", q.cuda(), k.cuda(), v.cuda(), cache.cuda(), cuda_metadata, 0.25, cuda_out)

@@ -61,17 +61,28 @@ def build_reconstruction_scorer(runner, config, layer_names: Sequence[str]) -> R
     model_config = vllm_config.model_config
     repeat_prompt = repeat_prompt_for(model_config)
     plus = config.method == "kvzip-plus"
-    o_proj_weights = install_hidden_norm_hooks(runner.model, layer_names, runner.device) if plus else None
+    parallel_config = vllm_config.parallel_config
+    num_kv_heads = model_config.get_num_kv_heads(parallel_config)
+    o_proj_grams = None
+    if plus:
+        o_proj_grams = install_hidden_norm_hooks(
+            runner.model,
+            layer_names,
+            num_kv_heads,
+            model_config.get_num_attention_heads(parallel_config),
+            model_config.get_head_size(),
+            runner.device,
+        )
     return ReconstructionScorer(
         plus=plus,
         chunk_size=config.chunk_size,
         sink_tokens=config.sink_tokens,
         repeat_prompt=repeat_prompt,
         forward=model_forward(runner, layer_names),
-        num_kv_heads=model_config.get_num_kv_heads(vllm_config.parallel_config),
+        num_kv_heads=num_kv_heads,
         device=torch.device(runner.device),
         max_positions=rope_positions(model_config),
-        o_proj_weights=o_proj_weights,
+        o_proj_grams=o_proj_grams,
     )
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from vllm_kvzip.block_manager.geometry import cdiv
-from vllm_kvzip.scoring.functional import KVzipPlusTerms, kvzip_chunk_scores
+from vllm_kvzip.scoring.functional import KVzipPlusTerms, kvzip_chunk_scores, output_projection_gram
 from vllm_kvzip.scoring.reconstruction import RepeatPrompt, prompt_reconstruction_chunks
 
 # Logits one SDPA call may materialise off the fused CUDA path: at most this many elements.
@@ -66,7 +66,8 @@ class ReconstructionMetadata:
     scores: Tensor
     layer_index: dict[str, int]
     plus: bool = False
-    o_proj_weights: dict[str, Tensor] | None = None  # KVzip+: [D, Hq * d] by layer name
+    # KVzip+: per-query-head Gram matrices of the output projection [H, G, d, d], by layer name.
+    o_proj_grams: dict[str, Tensor] | None = None
     # KVzip+: ||h|| of the repeat tokens' attention input, by layer name (pre-hook).
     hidden_norms: dict[str, Tensor] = field(default_factory=dict)
     layers_done: set[str] = field(default_factory=set)
@@ -194,8 +195,9 @@ def reconstruction_attention(
             raise RuntimeError(f"vllm-kvzip: no attention-input norms recorded for {layer_name} (KVzip+ hook missing)")
         plus = KVzipPlusTerms(
             values_chunk=context_values[:, start:end],
-            o_proj_weight=metadata.o_proj_weights[layer_name],
+            o_proj_weight=None,
             hidden_norms=hidden_norms,
+            o_proj_gram=metadata.o_proj_grams[layer_name],
         )
     grouped = query.transpose(0, 1).reshape(num_kv_heads, num_heads // num_kv_heads, num_tokens, head_size)
     metadata.scores[layer, :, start:end] = kvzip_chunk_scores(
@@ -228,10 +230,10 @@ class ReconstructionScorer:
         num_kv_heads: int,
         device: torch.device,
         max_positions: int | None = None,
-        o_proj_weights: dict[str, Tensor] | None = None,
+        o_proj_grams: dict[str, Tensor] | None = None,
     ) -> None:
-        if plus and o_proj_weights is None:
-            raise ValueError("KVzip+ needs every layer's attention output projection")
+        if plus and o_proj_grams is None:
+            raise ValueError("KVzip+ needs every layer's attention output projection (its Gram matrices)")
         self.plus = plus
         self.chunk_size = chunk_size
         self.sink_tokens = sink_tokens
@@ -240,7 +242,7 @@ class ReconstructionScorer:
         self.num_kv_heads = num_kv_heads
         self.device = device
         self.max_positions = max_positions
-        self.o_proj_weights = o_proj_weights
+        self.o_proj_grams = o_proj_grams
         self.total_seconds = 0.0
         self.total_passes = 0
 
@@ -277,7 +279,7 @@ class ReconstructionScorer:
                 scores=scores,
                 layer_index=layer_index,
                 plus=self.plus,
-                o_proj_weights=self.o_proj_weights,
+                o_proj_grams=self.o_proj_grams,
             )
             self.forward(chunk.input_ids, chunk.start_position, metadata)
             missing = set(layer_names) - metadata.layers_done
@@ -311,8 +313,10 @@ def _(hidden_states, marker, layer_name):
     return None
 
 
-def install_hidden_norm_hooks(model: torch.nn.Module, layer_names: Sequence[str], device) -> dict[str, Tensor]:
-    """KVzip+: pre-hooks feeding ||h|| to the reconstruction pass; returns each layer's o_proj weight.
+def install_hidden_norm_hooks(
+    model: torch.nn.Module, layer_names: Sequence[str], num_kv_heads: int, num_heads: int, head_size: int, device
+) -> dict[str, Tensor]:
+    """KVzip+: pre-hooks feeding ||h|| to the reconstruction pass; returns each layer's W_O Gram matrices.
 
     `layer_names` are the attention layers (`model.layers.3.self_attn.attn`); their
     parent module (`...self_attn`) receives the post-input_layernorm hidden states
@@ -321,20 +325,44 @@ def install_hidden_norm_hooks(model: torch.nn.Module, layer_names: Sequence[str]
     from vllm_kvzip.backend.kvzap import _find_module, attention_module_names
 
     modules = dict(model.named_modules())
-    weights = {}
+    grams = {}
     for layer_name, module_name in zip(layer_names, attention_module_names(layer_names)):
         module = _find_module(modules, module_name)
         o_proj = getattr(module, "o_proj", None)
-        weight = getattr(o_proj, "weight", None)
-        if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() != 2:
-            raise ValueError(
-                f"--kv-compression kvzip-plus needs an unquantized attention output projection; {module_name}.o_proj "
-                f"has {type(weight).__name__ if weight is None else (weight.dtype, tuple(weight.shape))}"
-            )
-        weights[layer_name] = weight
+        if o_proj is None:
+            raise ValueError(f"--kv-compression kvzip-plus: {module_name} has no o_proj")
+        weight = linear_weight(o_proj, num_heads * head_size)
+        grams[layer_name] = output_projection_gram(weight, num_kv_heads, num_heads // num_kv_heads)
         marker = torch.zeros(1, device=device)
         module.register_forward_pre_hook(_norm_hook(layer_name, marker), with_kwargs=True)
-    return weights
+    return grams
+
+
+@torch.inference_mode()
+def linear_weight(linear: torch.nn.Module, in_features: int) -> Tensor:
+    """[out, in] matrix of a (vLLM) linear layer, read through its own matmul applied to the identity.
+
+    vLLM's CPU platform repacks linear weights for oneDNN and drops `.weight`,
+    and quantized layers hold no plain matrix either; their `quant_method.apply`
+    (bias left out: exact) works for all.  Other modules go through forward,
+    with linear(0) (the bias) subtracted.
+    """
+    reference = next(iter(linear.parameters()), None)
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+    device = reference.device if reference is not None else None
+    identity = torch.eye(in_features, dtype=dtype, device=device)
+    quant_method = getattr(linear, "quant_method", None)
+    if quant_method is not None and hasattr(quant_method, "apply"):
+        return quant_method.apply(linear, identity, None).T
+
+    def apply(inputs: Tensor) -> Tensor:
+        result = linear(inputs)
+        return result[0] if isinstance(result, tuple) else result
+
+    product = apply(identity)
+    if getattr(linear, "bias", None) is not None:
+        product = product - apply(torch.zeros_like(identity[:1]))
+    return product.T
 
 
 def _norm_hook(layer_name: str, marker: Tensor):

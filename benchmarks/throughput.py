@@ -8,6 +8,8 @@ between), and the parent prints and writes the comparison:
 
     python benchmarks/throughput.py                         # 8k and 32k workloads, every method
     python benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN kvzap-mlp
+    python benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN kvzip \
+        --tokenizer-from ~/.cache/vllm_kvzip/models/SmolLM2-135M-Instruct   # KVzip needs a chat template
 
 Per point: wall time, output tokens/s, `speedup` = output tokens/s divided by
 FLASH_ATTN's in the same run, the maximum concurrency vLLM reports for the
@@ -64,6 +66,10 @@ WORKLOADS = {
     "smoke": (4, 600, 16),
 }
 METHODS = ("FLASH_ATTN", "TRITON_ATTN", "kvzap-mlp", "streaming")
+# Also runnable (--methods): KVzip's reconstruction pass needs a tokenizer with a chat
+# template (--tokenizer-from, e.g. the embedded SmolLM2 folder).
+RECONSTRUCTION_METHODS = ("kvzip", "kvzip-plus")
+CHOICES = METHODS + RECONSTRUCTION_METHODS
 KEEP_RATIO = 0.25
 
 
@@ -71,7 +77,7 @@ def make_dummy_model(folder: Path, tokenizer_source: str | None) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(LLAMA_31_8B, indent=1))
     if tokenizer_source:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
             source = Path(tokenizer_source) / name
             if source.is_file():
                 (folder / name).write_bytes(source.read_bytes())
@@ -100,7 +106,7 @@ def run_point(args: argparse.Namespace) -> dict:
         model=args.model,
         load_format="dummy",
         dtype="bfloat16",
-        skip_tokenizer_init=True,
+        skip_tokenizer_init=args.method not in RECONSTRUCTION_METHODS,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=False,
         max_model_len=prompt_len + output_len + 16,
@@ -140,6 +146,12 @@ def run_point(args: argparse.Namespace) -> dict:
     output_tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
     # vLLM's own admission bound for this pool (uncompressed requests).
     max_concurrency = num_blocks * block_size / (prompt_len + output_len)
+    compression_stats = None
+    if args.method not in ("FLASH_ATTN", "TRITON_ATTN"):
+        from vllm_kvzip.backend.state import worker_compression_stats
+
+        # Totals of the worker (both generate calls): compressed requests, scoring time.
+        compression_stats = llm.collective_rpc(worker_compression_stats)[0]
     return {
         "workload": args.workload,
         "method": args.method,
@@ -156,6 +168,7 @@ def run_point(args: argparse.Namespace) -> dict:
         "block_size": block_size,
         "max_concurrency_uncompressed": max_concurrency,
         "keep_ratio": None if args.method in ("FLASH_ATTN", "TRITON_ATTN") else KEEP_RATIO,
+        "compression_stats": compression_stats,
     }
 
 
@@ -163,7 +176,7 @@ def run_point(args: argparse.Namespace) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=["8k", "32k"], choices=sorted(WORKLOADS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=CHOICES)
     parser.add_argument("--tokenizer-from", default=None, help="folder with a tokenizer.json to copy (optional)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--prefill-requests", type=int, default=16)
@@ -178,6 +191,8 @@ def main() -> int:
     parser.add_argument("--surrogate", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if any(m in RECONSTRUCTION_METHODS for m in args.methods) and not args.point and not args.tokenizer_from:
+        parser.error("kvzip / kvzip-plus need --tokenizer-from FOLDER (a tokenizer with a chat template)")
 
     if args.point:
         result = run_point(args)
@@ -213,6 +228,10 @@ def main() -> int:
             results.append(result)
             print(f"   {result['output_tok_per_s']:.0f} output tok/s, wall {result['wall_s']:.1f} s, prefill "
                   f"{result['prefill_s']:.1f} s", flush=True)
+            if (result.get("compression_stats") or {}).get("scoring_seconds"):
+                stats = result["compression_stats"]
+                print(f"   scoring pass: {stats['scoring_ms_per_request']:.0f} ms per request "
+                      f"({stats['compressed_requests']} requests)", flush=True)
 
     for workload in args.workloads:
         baseline = next((r for r in results if r["workload"] == workload and r["method"] == "FLASH_ATTN" and "error" not in r), None)

@@ -34,6 +34,7 @@ blocks of bounded logits: chunk x context at most, never context^2.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -46,6 +47,8 @@ from vllm_kvzip.scoring.reconstruction import RepeatPrompt, prompt_reconstructio
 
 # Logits one SDPA call may materialise off the fused CUDA path: at most this many elements.
 BLOCKED_ATTENTION_ELEMENTS = 2**24
+# How many layer calls took each attention path ("fused": one flash kernel, "blocks": bounded query blocks).
+ATTENTION_PATHS: Counter[str] = Counter()
 
 
 @dataclass
@@ -116,11 +119,14 @@ def repeat_attention(
     queries = query.transpose(0, 1)[None]  # [1, Hq, q, d]
     if max_logits is None and _flash_available(queries, keys, values):
         try:
-            return _attend_blocks(queries, keys, values, context_len, num_queries, scale)
+            out = _attend_blocks(queries, keys, values, context_len, num_queries, scale)
+            ATTENTION_PATHS["fused"] += 1
+            return out
         except RuntimeError as exc:  # a torch build whose flash kernel refuses this call
             _warn_once(f"vllm-kvzip: fused reconstruction attention failed ({exc}); using bounded query blocks")
     limit = BLOCKED_ATTENTION_ELEMENTS if max_logits is None else max_logits
     block = max(1, min(num_queries, limit // (num_heads * (context_len + num_queries))))
+    ATTENTION_PATHS["blocks"] += 1
     return _attend_blocks(queries, keys, values, context_len, block, scale)
 
 

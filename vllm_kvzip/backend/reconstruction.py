@@ -47,7 +47,8 @@ from vllm_kvzip.scoring.reconstruction import RepeatPrompt, prompt_reconstructio
 
 # Logits one SDPA call may materialise off the fused CUDA path: at most this many elements.
 BLOCKED_ATTENTION_ELEMENTS = 2**24
-# How many layer calls took each attention path ("fused": one flash kernel, "blocks": bounded query blocks).
+# How many layer calls took each attention path ("fused": one flash kernel; "fused-repeated": the
+# same with K/V repeated per query head, if the GQA call failed; "blocks": bounded query blocks).
 ATTENTION_PATHS: Counter[str] = Counter()
 
 
@@ -118,11 +119,21 @@ def repeat_attention(
     keys, values = keys.to(query.dtype), values.to(query.dtype)
     queries = query.transpose(0, 1)[None]  # [1, Hq, q, d]
     if max_logits is None and _flash_available(queries, keys, values):
+        group = num_heads // keys.shape[1]
         try:
             out = _attend_blocks(queries, keys, values, context_len, num_queries, scale)
             ATTENTION_PATHS["fused"] += 1
             return out
-        except RuntimeError as exc:  # a torch build whose flash kernel refuses this call
+        except RuntimeError as exc:  # a flash kernel that takes no GQA through this call
+            _warn_once(f"vllm-kvzip: fused GQA reconstruction attention failed ({exc}); repeating K/V heads")
+        try:  # K/V repeated per query head: context x Hq x d more memory, still one flash kernel
+            out = _attend_blocks(
+                queries, keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1),
+                context_len, num_queries, scale,
+            )
+            ATTENTION_PATHS["fused-repeated"] += 1
+            return out
+        except RuntimeError as exc:
             _warn_once(f"vllm-kvzip: fused reconstruction attention failed ({exc}); using bounded query blocks")
     limit = BLOCKED_ATTENTION_ELEMENTS if max_logits is None else max_logits
     block = max(1, min(num_queries, limit // (num_heads * (context_len + num_queries))))

@@ -8,6 +8,8 @@ between), and the parent prints and writes the comparison:
 
     python benchmarks/throughput.py                         # 8k and 32k workloads, every method
     python benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN kvzap-mlp
+    python benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN kvzip \
+        --tokenizer-from ~/.cache/vllm_kvzip/models/SmolLM2-135M-Instruct   # KVzip needs a chat template
 
 Per point: wall time, output tokens/s, `speedup` = output tokens/s divided by
 FLASH_ATTN's in the same run, the maximum concurrency vLLM reports for the
@@ -69,6 +71,10 @@ WORKLOADS = {
 # kvzap-threshold: KVzap-MLP in threshold mode (prefill only); kvzap-dms: the same with
 # decode-time eviction (--kv-compression-decode-eviction).
 METHODS = ("FLASH_ATTN", "TRITON_ATTN", "kvzap-mlp", "streaming", "kvzap-threshold", "kvzap-dms")
+# Also runnable (--methods): KVzip's reconstruction pass needs a tokenizer with a chat
+# template (--tokenizer-from, e.g. the embedded SmolLM2 folder).
+RECONSTRUCTION_METHODS = ("kvzip", "kvzip-plus")
+CHOICES = METHODS + RECONSTRUCTION_METHODS
 KEEP_RATIO = 0.25
 # Log-score threshold of the threshold-mode methods.  The surrogate's weights are random here,
 # so the kept fraction is measured and reported, not assumed.
@@ -79,7 +85,7 @@ def make_dummy_model(folder: Path, tokenizer_source: str | None) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(LLAMA_31_8B, indent=1))
     if tokenizer_source:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
             source = Path(tokenizer_source) / name
             if source.is_file():
                 (folder / name).write_bytes(source.read_bytes())
@@ -108,7 +114,7 @@ def run_point(args: argparse.Namespace) -> dict:
         model=args.model,
         load_format="dummy",
         dtype="bfloat16",
-        skip_tokenizer_init=True,
+        skip_tokenizer_init=args.method not in RECONSTRUCTION_METHODS,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=False,
         max_model_len=prompt_len + output_len + 16,
@@ -152,21 +158,14 @@ def run_point(args: argparse.Namespace) -> dict:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - started
     output_tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
-    compression = {}
-    try:  # in-process engine only (VLLM_ENABLE_V1_MULTIPROCESSING=0): the plugin's own counters
-        from vllm_kvzip.backend.state import get_state
-
-        state = get_state()
-        if state is not None and state.total_evictable_tokens:
-            compression = {
-                "kept_fraction_at_prefill": state.total_kept_tokens / state.total_evictable_tokens,
-                "freed_blocks": state.total_freed_blocks,
-                "decode_foldings": state.total_retirements,
-            }
-    except ImportError:
-        pass
     # vLLM's own admission bound for this pool (uncompressed requests).
     max_concurrency = num_blocks * block_size / (prompt_len + output_len)
+    compression_stats = None
+    if args.method not in ("FLASH_ATTN", "TRITON_ATTN"):
+        from vllm_kvzip.backend.state import worker_compression_stats
+
+        # Totals of the worker (both generate calls): compressed requests, scoring time.
+        compression_stats = llm.collective_rpc(worker_compression_stats)[0]
     return {
         "workload": args.workload,
         "method": args.method,
@@ -182,9 +181,9 @@ def run_point(args: argparse.Namespace) -> dict:
         "kv_cache_blocks": num_blocks,
         "block_size": block_size,
         "max_concurrency_uncompressed": max_concurrency,
-        "keep_ratio": KEEP_RATIO if args.method in ("kvzap-mlp", "streaming") else None,
+        "keep_ratio": KEEP_RATIO if args.method in ("kvzap-mlp", "streaming", *RECONSTRUCTION_METHODS) else None,
         "threshold": args.threshold if args.method in ("kvzap-threshold", "kvzap-dms") else None,
-        **compression,
+        "compression_stats": compression_stats,
     }
 
 
@@ -192,7 +191,7 @@ def run_point(args: argparse.Namespace) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=["8k", "32k"], choices=sorted(WORKLOADS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=CHOICES)
     parser.add_argument("--tokenizer-from", default=None, help="folder with a tokenizer.json to copy (optional)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--prefill-requests", type=int, default=16)
@@ -208,6 +207,8 @@ def main() -> int:
     parser.add_argument("--surrogate", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if any(m in RECONSTRUCTION_METHODS for m in args.methods) and not args.point and not args.tokenizer_from:
+        parser.error("kvzip / kvzip-plus need --tokenizer-from FOLDER (a tokenizer with a chat template)")
 
     if args.point:
         result = run_point(args)
@@ -243,6 +244,10 @@ def main() -> int:
             results.append(result)
             print(f"   {result['output_tok_per_s']:.0f} output tok/s, wall {result['wall_s']:.1f} s, prefill "
                   f"{result['prefill_s']:.1f} s", flush=True)
+            if (result.get("compression_stats") or {}).get("scoring_seconds"):
+                stats = result["compression_stats"]
+                print(f"   scoring pass: {stats['scoring_ms_per_request']:.0f} ms per request "
+                      f"({stats['compressed_requests']} requests)", flush=True)
 
     for workload in args.workloads:
         baseline = next((r for r in results if r["workload"] == workload and r["method"] == "FLASH_ATTN" and "error" not in r), None)

@@ -152,3 +152,31 @@ def test_unsupported_architecture_is_refused(embedded_model, tmp_path):
     model = _model_variant(embedded_model, tmp_path, architectures=["GemmaForCausalLM"], model_type="gemma")
     with pytest.raises(KVCompressionConfigError, match="architecture .*GemmaForCausalLM.* is not supported"):
         _engine_config(model, {"method": "streaming"})
+
+
+# ---- KVzip's reconstruction pass: what it needs is checked before the model loads -------
+
+
+def test_kvzip_engine_config_is_accepted(embedded_model):
+    vllm_config = _engine_config(embedded_model, {"method": "kvzip-plus", "chunk_size": 512})
+    settings = vllm_config.additional_config["kv_compression"]
+    assert settings["method"] == "kvzip-plus" and settings["chunk_size"] == 512
+
+
+def test_kvzip_chunk_must_fit_one_forward(embedded_model):
+    with pytest.raises(
+        KVCompressionConfigError, match=r"--kv-compression-chunk-size 2000: .* more than --max-num-batched-tokens 1024"
+    ):
+        _engine_config(embedded_model, {"method": "kvzip"}, max_num_batched_tokens=1024)
+
+
+def test_kvzip_needs_the_tokenizer(embedded_model):
+    with pytest.raises(KVCompressionConfigError, match="--skip-tokenizer-init cannot be combined with --kv-compression kvzip"):
+        _engine_config(embedded_model, {"method": "kvzip"}, skip_tokenizer_init=True)
+
+
+def test_kvzip_needs_a_chat_template(embedded_model, tmp_path):
+    model = _model_variant(embedded_model, tmp_path)
+    os.remove(os.path.join(model, "chat_template.jinja"))
+    with pytest.raises(KVCompressionConfigError, match="--kv-compression kvzip: the tokenizer has no chat template"):
+        _engine_config(model, {"method": "kvzip"})

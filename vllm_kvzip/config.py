@@ -27,6 +27,8 @@ METHODS: tuple[str, ...] = (
     "random",
 )
 KVZAP_METHODS: tuple[str, ...] = ("kvzap-linear", "kvzap-mlp")
+# Methods scored by KVzip's context-reconstruction pass (an extra forward pass per chunk).
+RECONSTRUCTION_METHODS: tuple[str, ...] = ("kvzip", "kvzip-plus")
 
 # How scores turn into keep-sets when a keep ratio is given (see
 # vllm_kvzip.scoring.policies).  "layer" budgets are what the vLLM path packs
@@ -200,6 +202,10 @@ class KVCompressionConfig(BaseModel):
     @property
     def is_kvzap(self) -> bool:
         return self.method in KVZAP_METHODS
+
+    @property
+    def is_reconstruction(self) -> bool:
+        return self.method in RECONSTRUCTION_METHODS
 
     @property
     def threshold_mode(self) -> bool:

@@ -88,3 +88,13 @@ def _model_dtype_is_float32() -> bool:
     vllm_config = get_current_vllm_config_or_none()
     model_config = getattr(vllm_config, "model_config", None)
     return model_config is not None and model_config.dtype == torch.float32
+def current_layer_metadata(layer_name: str):
+    """The attention metadata vLLM's forward context holds for `layer_name` (None outside a forward)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, dict):
+        return metadata.get(layer_name)
+    return metadata

@@ -21,7 +21,7 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 SUPPORTED_HEAD_SIZES = (64, 128)
 CUSTOM_BACKEND = "CUSTOM"
 # Methods the vLLM path scores today (the scoring library has them all).
-VLLM_METHODS = ("streaming", "random", "head", "kvzap-linear", "kvzap-mlp")
+VLLM_METHODS = ("kvzip", "kvzip-plus", "streaming", "random", "head", "kvzap-linear", "kvzap-mlp")
 # Keep-ratio policies whose per-layer budget is fixed in advance (docs/design.md).
 VLLM_POLICIES = ("layer", "head", "adakv")
 
@@ -142,6 +142,8 @@ def validate_engine_config(vllm_config: Any, config: KVCompressionConfig) -> Non
             f"(--max-model-len {max_model_len}); valid values: 0..{max_model_len - 1}"
         )
     _check_method_assets(config, model_config)
+    if config.is_reconstruction:
+        _check_reconstruction(config, vllm_config)
 
     mode = f"threshold {config.threshold}" if config.threshold_mode else f"keep ratio {config.effective_keep_ratio}"
     logger.info(
@@ -175,6 +177,35 @@ def _check_method_assets(config: KVCompressionConfig, model_config: Any) -> None
             load_surrogate(config, model_config)
         except (KVzapCheckpointError, OSError, ValueError) as exc:
             raise KVCompressionConfigError(f"--kv-compression-surrogate: {exc}") from None
+
+
+def _check_reconstruction(config: KVCompressionConfig, vllm_config: Any) -> None:
+    """KVzip's repeat prompt needs the tokenizer's chat template and must fit one forward."""
+    from vllm_kvzip.adapter.reconstruction_pass import max_repeat_input_tokens, repeat_prompt_for
+
+    model_config = vllm_config.model_config
+    if getattr(model_config, "enable_prompt_embeds", False):
+        raise KVCompressionConfigError(
+            f"--enable-prompt-embeds cannot be combined with --kv-compression {config.method}: the reconstruction "
+            "pass repeats the prompt's tokens"
+        )
+    if model_config.skip_tokenizer_init:
+        raise KVCompressionConfigError(
+            f"--skip-tokenizer-init cannot be combined with --kv-compression {config.method}: the reconstruction "
+            "prompt is built with the tokenizer's chat template"
+        )
+    try:
+        repeat_prompt = repeat_prompt_for(model_config)
+    except (OSError, ValueError) as exc:
+        raise KVCompressionConfigError(f"--kv-compression {config.method}: {exc}") from None
+    needed = max_repeat_input_tokens(config.chunk_size, repeat_prompt)
+    budget = vllm_config.scheduler_config.max_num_batched_tokens
+    if needed > budget:
+        raise KVCompressionConfigError(
+            f"--kv-compression-chunk-size {config.chunk_size}: a reconstruction forward holds up to {needed} tokens "
+            f"(chunk + repeat instruction), more than --max-num-batched-tokens {budget}; valid values: "
+            f"16..{budget - (needed - config.chunk_size)} (or raise --max-num-batched-tokens)"
+        )
 
 
 def install_request_validation() -> None:

@@ -15,7 +15,9 @@ compression state exists, i.e. when compression is off):
   `sample_tokens` is caught up at the next `_update_states`, still before the
   next forward pass.
 * `load_model` / `initialize_kv_cache`: KVzap's surrogate hooks on the loaded
-  model, and its score caches next to the KV caches.
+  model, and its score caches next to the KV caches; for KVzip / KVzip+ the
+  reconstruction pass (`vllm_kvzip.adapter.reconstruction_pass`), which the
+  compressor runs before it chooses what to keep.
 
 vLLM 0.26 also has a second model runner (MRV2, `vllm.v1.worker.gpu`); with
 compression on the engine hook selects the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0),
@@ -97,6 +99,7 @@ def install_runner_hooks() -> None:
         def load_model(self, *args, **kwargs):
             result = original(self, *args, **kwargs)
             install_kvzap_hooks(self)
+            install_reconstruction_pass(self)
             return result
 
         return load_model
@@ -153,6 +156,22 @@ def install_kvzap_hooks(runner) -> None:
     )
 
 
+def install_reconstruction_pass(runner) -> None:
+    from vllm_kvzip.adapter.engine import kv_compression_config
+
+    config = kv_compression_config(runner.vllm_config)
+    if not config.is_reconstruction:
+        return
+    from vllm_kvzip.adapter.reconstruction_pass import build_reconstruction_scorer
+
+    runner._vllm_kvzip_reconstruction = build_reconstruction_scorer(runner, config, attention_layer_names(runner))
+
+
+def request_token_ids(request) -> list[int]:
+    """Every known token of a request (prompt, then outputs: a resumed request's prefill covers both)."""
+    return list(request.prompt_token_ids or ()) + list(request.output_token_ids)
+
+
 def run_pending_compressions(runner, state, skip=()) -> None:
     if not state.pending:
         return
@@ -162,6 +181,7 @@ def run_pending_compressions(runner, state, skip=()) -> None:
 
     pending, state.pending = state.pending, {}
     kv_caches = attention_kv_caches(runner, state.layer_names)
+    reconstruction = getattr(runner, "_vllm_kvzip_reconstruction", None)
     for request_id, num_tokens in pending.items():
         request = runner.requests.get(request_id)
         if request is None or request_id in skip:
@@ -173,7 +193,15 @@ def run_pending_compressions(runner, state, skip=()) -> None:
                 lambda rid, first, ids: set_worker_block_ids(runner, rid, first, ids),
             )
         else:
-            compress_request(state, request_id, num_tokens, list(request.block_ids[0]), kv_caches)
+            compress_request(
+                state,
+                request_id,
+                num_tokens,
+                list(request.block_ids[0]),
+                kv_caches,
+                token_ids=request_token_ids(request) if reconstruction is not None else None,
+                reconstruction=reconstruction,
+            )
 
 
 def run_decode_evictions(runner, state) -> None:

@@ -12,7 +12,9 @@ The backend / metadata builder / impl triad of vLLM's own backends:
 * `KVzipAttentionImpl`: decode rows -> `ragged_decode_attention` (Triton,
   ragged head pages + dense tail; an uncompressed row is all dense tail);
   prefill rows -> the dense backend (FlashAttention-3 where vLLM has it, else
-  TRITON_ATTN), whose KV-cache write is used for every row.
+  TRITON_ATTN), whose KV-cache write is used for every row; KVzip's
+  reconstruction forwards (`ReconstructionMetadata`, no slot mapping) ->
+  `reconstruction_attention`, the torch code the CPU backend shares.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from vllm_kvzip.adapter.attention_api import (
 from vllm_kvzip.adapter.engine import kv_compression_config
 from vllm_kvzip.backend.common import KVzipAttentionMetadata, RowGatherBuffers, count_decode_rows
 from vllm_kvzip.backend.ops import ragged_decode_attention
+from vllm_kvzip.backend.reconstruction import ReconstructionMetadata, reconstruction_attention
 from vllm_kvzip.backend.state import get_state, install_state
 
 _TritonBackend, _TritonBuilder, _TritonImpl, _TritonMetadata = triton_backend()
@@ -126,6 +129,10 @@ class KVzipAttentionImpl(AttentionImpl):
             raise NotImplementedError("vllm-kvzip: fused output quantization is not supported")
         if attn_metadata is None:  # profiling run
             return output
+        if isinstance(attn_metadata, ReconstructionMetadata):  # KVzip's scoring pass (eager, no KV writes)
+            return reconstruction_attention(
+                layer.layer_name, query, key, value, kv_cache, attn_metadata, self.scale, output
+            )
         state = get_state()
         if self.layer_index is None:
             self.layer_index = state.layer_index[layer.layer_name]

@@ -48,8 +48,16 @@ def compress_request(
     num_tokens: int,
     block_ids: list[int],
     kv_caches: dict[str, torch.Tensor],
+    *,
+    token_ids: list[int] | None = None,
+    reconstruction=None,
 ) -> CompressionGeometry | None:
-    """Compress `request_id` (its prefill of `num_tokens` tokens is in the cache)."""
+    """Compress `request_id` (its prefill of `num_tokens` tokens is in the cache).
+
+    KVzip / KVzip+ need the request's `token_ids` and the worker's
+    `reconstruction` scorer (`vllm_kvzip.backend.reconstruction.ReconstructionScorer`),
+    which runs the reconstruction pass over the request's still-dense blocks.
+    """
     entry = state.requests.get(request_id)
     if entry is None or entry.compressed:
         return None
@@ -64,13 +72,23 @@ def compress_request(
     evictable = geometry.evictable_tokens
     block_table = torch.tensor(block_ids[: geometry.dense_start_block], dtype=torch.int32, device=device)
     positions = torch.arange(evictable, device=device)
+    recorded = None
+    scoring_seconds = 0.0
+    if state.config.is_kvzap:
+        recorded = _recorded_kvzap_scores(state, positions, block_table)
+    elif state.config.is_reconstruction:
+        if reconstruction is None or token_ids is None:
+            raise RuntimeError(f"vllm-kvzip: --kv-compression {state.config.method} needs the reconstruction pass")
+        scoring_started = time.perf_counter()
+        recorded = reconstruction.score(token_ids, num_tokens, block_ids, evictable, state.layer_names)
+        scoring_seconds = time.perf_counter() - scoring_started
     scores = context_scores(
         state.config,
         positions,
         state.num_layers,
         state.num_kv_heads,
         head_scores=state.head_scores,
-        recorded_scores=_recorded_kvzap_scores(state, positions, block_table) if state.config.is_kvzap else None,
+        recorded_scores=recorded,
     )
     # The dense tail holds the window, so only the sinks are protected here.
     keep = keep_by_ratio(
@@ -79,6 +97,7 @@ def compress_request(
 
     if state.recorded_keep_sets is not None:
         state.recorded_keep_sets[request_id] = keep.cpu()
+        state.recorded_scores[request_id] = scores.cpu()
     plan = plan_request_compaction(keep, block_table, geometry.container_blocks, state.block_size)
     slot = state.table.acquire()
     start = 0
@@ -93,7 +112,7 @@ def compress_request(
     entry.kept_tokens = kept_total
     entry.evictable_tokens = evictable
     entry.dense_start = geometry.evictable_tokens
-    state.record_compression(entry, geometry, time.perf_counter() - started)
+    state.record_compression(entry, geometry, time.perf_counter() - started, scoring_seconds)
     return geometry
 
 

@@ -9,7 +9,8 @@ in that slot for every engine of the process:
   attended by `ragged_attention_ref` (dense causal attention for prefills,
   ragged pages + dense tail for compressed decodes).  It is the same reference
   code the Triton kernels are tested against, so CI exercises the real layout
-  end to end through vLLM's engine.
+  end to end through vLLM's engine.  KVzip's reconstruction forwards
+  (`ReconstructionMetadata`) go to `reconstruction_attention`, shared with CUDA.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from vllm_kvzip.adapter.attention_api import cpu_backend
 from vllm_kvzip.adapter.engine import kv_compression_config
 from vllm_kvzip.backend.common import KVzipAttentionMetadata, RowGatherBuffers
 from vllm_kvzip.backend.ops.reference import flat_kv_rows, ragged_attention_ref
+from vllm_kvzip.backend.reconstruction import ReconstructionMetadata, reconstruction_attention
 from vllm_kvzip.backend.state import get_state, install_state
 
 _CPUBackend, _CPUBuilder, _CPUImpl, _CPUMetadata = cpu_backend()
@@ -73,6 +75,10 @@ class KVzipCPUAttentionImpl(_CPUImpl):
             )
         if attn_metadata is None:  # profiling / warm-up run
             return output
+        if isinstance(attn_metadata, ReconstructionMetadata):  # KVzip's scoring pass
+            return reconstruction_attention(
+                layer.layer_name, query, key, value, kv_cache, attn_metadata, self.scale, output
+            )
         assert isinstance(attn_metadata, KVzipAttentionMetadata)
         layer_index = self._layer_index(layer)
         rows = attn_metadata.decode

@@ -128,11 +128,13 @@ class WorkerCompressionState:
         # next ModelRunnerOutput): request id -> {"admission": tokens at admission, "ranges":
         # [(first, end) logical blocks], "kept_entries": first folding's kept count or None}.
         self.freed_block_ranges: dict[str, dict] = {}
-        # Debugging / tests: keep masks [L, H, evictable] by request id
-        # (VLLM_KVZIP_RECORD_KEEP_SETS=1 turns it on).
-        self.recorded_keep_sets: dict[str, torch.Tensor] | None = (
-            {} if os.environ.get("VLLM_KVZIP_RECORD_KEEP_SETS") == "1" else None
-        )
+        # Wall time of KVzip's reconstruction passes (device-synchronised), summed over requests.
+        self.total_scoring_seconds = 0.0
+        # Debugging / tests: keep masks [L, H, evictable] and the scores they
+        # came from, by request id (VLLM_KVZIP_RECORD_KEEP_SETS=1 turns it on).
+        record = os.environ.get("VLLM_KVZIP_RECORD_KEEP_SETS") == "1"
+        self.recorded_keep_sets: dict[str, torch.Tensor] | None = {} if record else None
+        self.recorded_scores: dict[str, torch.Tensor] | None = {} if record else None
 
     def load_method_assets(self, model_config) -> None:
         """Per-method data the compressor needs (saved head scores)."""
@@ -143,13 +145,18 @@ class WorkerCompressionState:
             shape = ModelShape.from_config(model_config.hf_config)
             self.head_scores = load_head_scores(self.config.head_scores, model_config.model, shape).to(self.device)
 
-    def record_compression(self, entry: "RequestEntry", geometry, seconds: float) -> None:
+    def record_compression(self, entry: "RequestEntry", geometry, seconds: float, scoring_seconds: float = 0.0) -> None:
+        """Count one compressed request and log it; `seconds` includes `scoring_seconds` (KVzip's pass)."""
         pairs = self.num_layers * self.num_kv_heads
         self.total_compressed += 1
+        self.total_scoring_seconds += scoring_seconds
         self.total_kept_tokens += entry.kept_tokens
         self.total_evictable_tokens += entry.evictable_tokens * pairs
         self.total_freed_blocks += geometry.freed_blocks
-        logger().info("vllm-kvzip: %s", compression_log_line(entry, geometry, pairs, self.config.method, seconds))
+        line = compression_log_line(entry, geometry, pairs, self.config.method, seconds)
+        if scoring_seconds:
+            line += f" (scoring_ms {scoring_seconds * 1e3:.1f})"
+        logger().info("vllm-kvzip: %s", line)
 
     def record_retirement(self, entry: "RequestEntry", num_tokens: int, freed_blocks: int, seconds: float) -> None:
         """Threshold mode: one folding of the dense tail (the first one happens right after the prefill)."""
@@ -178,6 +185,18 @@ class WorkerCompressionState:
             entry.dense_start_block - len(entry.containers),
             seconds * 1e3,
         )
+
+    def stats(self) -> dict[str, float | int]:
+        """Totals since the engine started (benchmarks read them, e.g. with `worker_compression_stats`)."""
+        return {
+            "method": self.config.method,
+            "compressed_requests": self.total_compressed,
+            "kept_fraction": self.total_kept_tokens / max(1, self.total_evictable_tokens),
+            "freed_blocks": self.total_freed_blocks,
+            "decode_foldings": self.total_retirements,
+            "scoring_seconds": self.total_scoring_seconds,
+            "scoring_ms_per_request": 1e3 * self.total_scoring_seconds / max(1, self.total_compressed),
+        }
 
     # -- request lifecycle -------------------------------------------------------------
     def add_request(self, request_id: str, extra_args: dict | None) -> RequestEntry:
@@ -250,6 +269,15 @@ def compression_log_line(entry: RequestEntry, geometry, pairs: int, method: str,
         f"(layer, KV head) + {tail} dense tail tokens), freed {geometry.freed_blocks} of "
         f"{-(-geometry.num_tokens // geometry.block_size)} blocks, {seconds * 1e3:.1f} ms"
     )
+
+
+def worker_compression_stats(worker=None) -> dict | None:
+    """This worker's `WorkerCompressionState.stats()` (None with compression off).
+
+    Usable through vLLM's RPC from any process: `llm.collective_rpc(worker_compression_stats)`.
+    """
+    state = get_state()
+    return None if state is None else state.stats()
 
 
 def logger():

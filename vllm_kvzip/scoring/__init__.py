@@ -23,6 +23,7 @@ from vllm_kvzip.scoring.base import (
 from vllm_kvzip.scoring.functional import (
     KVzipPlusTerms,
     kvzip_chunk_scores,
+    output_projection_gram,
     output_value_norms,
     random_scores,
     snapkv_scores,
@@ -46,6 +47,7 @@ __all__ = [
     "keep_by_ratio",
     "keep_by_threshold",
     "kvzip_chunk_scores",
+    "output_projection_gram",
     "output_value_norms",
     "random_scores",
     "register_scorer",

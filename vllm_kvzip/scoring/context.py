@@ -3,7 +3,8 @@
 The vLLM worker (`vllm_kvzip.backend.compressor`) and its transformers oracle
 (`vllm_kvzip.scoring.vllm_reference`) both call `context_scores`, so the two
 can only differ in the tensors they feed in (KVzap log-scores recorded during
-the prefill, or saved head scores), never in how those become scores.
+the prefill, KVzip / KVzip+ reconstruction scores, or saved head scores),
+never in how those become scores.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from vllm_kvzip.config import KVCompressionConfig
 from vllm_kvzip.scoring.functional import random_scores, streaming_scores
 
 # Methods the vLLM path runs today (vllm_kvzip.adapter.engine refuses the others).
-CONTEXT_METHODS = ("streaming", "random", "head", "kvzap-linear", "kvzap-mlp")
+CONTEXT_METHODS = ("streaming", "random", "head", "kvzap-linear", "kvzap-mlp", "kvzip", "kvzip-plus")
 
 
 def context_scores(
@@ -30,7 +31,8 @@ def context_scores(
     """[L, H, n] scores (higher = keep) of the tokens at `positions`.
 
     head_scores: [L, H] for method "head"; recorded_scores: [L, H, n] KVzap
-    log-scores for kvzap-linear / kvzap-mlp.
+    log-scores for kvzap-linear / kvzap-mlp, reconstruction scores for kvzip /
+    kvzip-plus (`vllm_kvzip.backend.reconstruction`).
     """
     method = config.method
     if method == "streaming":
@@ -43,8 +45,11 @@ def context_scores(
         if head_scores is None:
             raise ValueError("method 'head' needs head_scores")
         return head_scores.float().to(positions.device)[:, :, None].expand(-1, -1, positions.numel())
-    if method in ("kvzap-linear", "kvzap-mlp"):
+    if method in ("kvzap-linear", "kvzap-mlp", "kvzip", "kvzip-plus"):
         if recorded_scores is None:
-            raise ValueError(f"method {method!r} needs the KVzap scores recorded during the prefill")
+            source = "KVzap scores recorded during the prefill" if method.startswith("kvzap") else "reconstruction scores"
+            raise ValueError(f"method {method!r} needs the {source}")
+        if recorded_scores.shape[-1] != positions.numel():
+            raise ValueError(f"{recorded_scores.shape[-1]} recorded scores for {positions.numel()} positions")
         return recorded_scores.float()
     raise ValueError(f"method {method!r} is not scored on the vLLM path; valid values: {', '.join(CONTEXT_METHODS)}")

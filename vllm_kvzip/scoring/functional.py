@@ -29,27 +29,41 @@ class KVzipPlusTerms:
     o_proj_weight: [D, H*G*d] the attention output projection (nn.Linear layout).
     hidden_norms: [q] L2 norm of the attention input (after input_layernorm) of every
         repeat-input token, i.e. of every query row.
+    o_proj_gram: instead of o_proj_weight, its per-query-head Gram matrices
+        [H, G, d, d] (`output_projection_gram`): all the norms need, D/d times smaller.
     """
 
     values_chunk: Tensor
-    o_proj_weight: Tensor
+    o_proj_weight: Tensor | None
     hidden_norms: Tensor
+    o_proj_gram: Tensor | None = None
 
 
-def output_value_norms(values: Tensor, o_proj_weight: Tensor, group_size: int) -> Tensor:
+def output_projection_gram(o_proj_weight: Tensor, num_kv_heads: int, group_size: int) -> Tensor:
+    """W_O^(qh)^T W_O^(qh) for every query head qh = h * G + g: [D, H*G*d] -> [H, G, d, d] (float32)."""
+    hidden_size = o_proj_weight.shape[0]
+    head_dim = o_proj_weight.shape[1] // (num_kv_heads * group_size)
+    weight = o_proj_weight.float().view(hidden_size, num_kv_heads, group_size, head_dim)
+    return torch.einsum("Dhgi,Dhgj->hgij", weight, weight)
+
+
+def output_value_norms(
+    values: Tensor, o_proj_weight: Tensor | None, group_size: int, *, gram: Tensor | None = None
+) -> Tensor:
     """||W_O^(query head) v_i||_2 for every query head and value: [H, n, d] -> [H, G, n].
 
     W_O^(qh) is the slice of the output projection that multiplies the attention
     output of query head qh.  ||W v||^2 = v^T (W^T W) v, so we build the d x d Gram
     matrix per query head instead of the D x n product: O(G d^2 + G n d^2) memory
-    O(G d^2) rather than O(G n D).
+    O(G d^2) rather than O(G n D).  `gram` (from `output_projection_gram`) skips
+    building it.
     """
-    num_kv_heads, _, head_dim = values.shape
-    hidden_size = o_proj_weight.shape[0]
-    weight = o_proj_weight.float().view(hidden_size, num_kv_heads, group_size, head_dim)
-    gram = torch.einsum("Dhgi,Dhgj->hgij", weight, weight)  # [H, G, d, d]
+    if gram is None:
+        if o_proj_weight is None:
+            raise ValueError("output_value_norms needs the output projection or its Gram matrices")
+        gram = output_projection_gram(o_proj_weight, values.shape[0], group_size)  # [H, G, d, d]
     values32 = values.float()
-    squared = torch.einsum("hni,hgij,hnj->hgn", values32, gram, values32)
+    squared = torch.einsum("hni,hgij,hnj->hgn", values32, gram.float(), values32)
     return squared.clamp_min(0.0).sqrt()
 
 
@@ -62,6 +76,7 @@ def kvzip_chunk_scores(
     scaling: float,
     plus: KVzipPlusTerms | None = None,
     score_rows: tuple[int, int] | None = None,
+    max_elements: int = 2**24,
 ) -> Tensor:
     """KVzip reconstruction scores of one context chunk: [H, m] (float32).
 
@@ -80,8 +95,8 @@ def kvzip_chunk_scores(
 
     Deviation: the reference takes the softmax in the model dtype (bf16); we
     take it in float32 so that the oracle does not depend on the dtype.
-    Memory is O(G q (s + m + q)) per KV head: chunk x chunk, never context^2,
-    because the loop below runs one KV head at a time.
+    Memory is O(G q (s + m + q)) per KV head: chunk x chunk, never context^2;
+    KV heads are batched only while their logits stay under `max_elements`.
     """
     num_kv_heads, group_size, num_queries, _ = queries.shape
     num_sink, num_chunk = keys_sink.shape[1], keys_chunk.shape[1]
@@ -89,20 +104,23 @@ def kvzip_chunk_scores(
         raise ValueError(f"keys_repeat has {keys_repeat.shape[1]} tokens but there are {num_queries} repeat queries")
     rows = slice(*score_rows) if score_rows is not None else slice(0, num_queries)
     # Repeat query j sees repeat key i only if i <= j.
-    causal = torch.ones(num_queries, num_queries, dtype=torch.bool, device=queries.device).tril()
+    hidden_from = ~torch.ones(num_queries, num_queries, dtype=torch.bool, device=queries.device).tril()
     value_norms = None
     if plus is not None:
-        value_norms = output_value_norms(plus.values_chunk, plus.o_proj_weight, group_size)  # [H, G, m]
+        value_norms = output_value_norms(plus.values_chunk, plus.o_proj_weight, group_size, gram=plus.o_proj_gram)
         inverse_hidden = 1.0 / plus.hidden_norms.float().clamp_min(torch.finfo(torch.float32).tiny)
     scores = torch.empty(num_kv_heads, num_chunk, dtype=torch.float32, device=queries.device)
-    for head in range(num_kv_heads):
-        keys = torch.cat([keys_sink[head], keys_chunk[head], keys_repeat[head]], dim=0).float()
-        logits = torch.einsum("gqd,kd->gqk", queries[head].float(), keys) * scaling
-        logits[:, :, num_sink + num_chunk :].masked_fill_(~causal, float("-inf"))
-        weights = logits.softmax(dim=-1)[:, :, num_sink : num_sink + num_chunk]  # [G, q, m]
+    per_head = group_size * num_queries * (num_sink + num_chunk + num_queries)
+    step = max(1, min(num_kv_heads, max_elements // max(1, per_head)))
+    for first in range(0, num_kv_heads, step):
+        heads = slice(first, min(first + step, num_kv_heads))
+        keys = torch.cat([keys_sink[heads], keys_chunk[heads], keys_repeat[heads]], dim=1).float()  # [h, K, d]
+        logits = torch.matmul(queries[heads].float(), keys[:, None].transpose(-1, -2)) * scaling  # [h, G, q, K]
+        logits[..., num_sink + num_chunk :].masked_fill_(hidden_from, float("-inf"))
+        weights = logits.softmax(dim=-1)[..., num_sink : num_sink + num_chunk]  # [h, G, q, m]
         if plus is not None:
-            weights = weights * inverse_hidden[None, :, None] * value_norms[head][:, None, :]
-        scores[head] = weights[:, rows].amax(dim=(0, 1))
+            weights = weights * inverse_hidden[None, None, :, None] * value_norms[heads][:, :, None, :]
+        scores[heads] = weights[:, :, rows].amax(dim=(1, 2))
     return scores
 
 

@@ -520,19 +520,7 @@ class KVzipModel:
         return KVzipCache(RaggedKVCache.from_dynamic(cache), token_ids, prefix_length, scores, config, log_space)
 
     def _layer_inputs(self, layer_idx, module, queries, keys, values, hidden, scaling, target, sink=(0, 0)) -> LayerInputs:
-        num_kv_heads = keys.shape[0]
-        return LayerInputs(
-            layer_idx=layer_idx,
-            queries=group_queries(queries, num_kv_heads),
-            keys=keys,
-            values=values,
-            hidden_states=hidden,
-            positions=torch.arange(keys.shape[1], device=keys.device),
-            target=target,
-            scaling=float(scaling),
-            o_proj_weight=module.o_proj.weight,
-            sink=sink,
-        )
+        return layer_inputs(layer_idx, module, queries, keys, values, hidden, scaling, target, sink)
 
     # ---- generation ---------------------------------------------------------------
     def stop_token_ids(self) -> set[int]:
@@ -605,6 +593,23 @@ class KVzipModel:
             query_ids, kv, update_cache=update_cache, max_new_tokens=max_new_tokens, stop_strings=stop_strings
         )
         return self.tokenizer.decode(generated, skip_special_tokens=True)
+
+
+def layer_inputs(layer_idx, module, queries, keys, values, hidden, scaling, target, sink=(0, 0)) -> LayerInputs:
+    """`LayerInputs` from what `capture_layers` shows one layer (batch of one)."""
+    num_kv_heads = keys.shape[0]
+    return LayerInputs(
+        layer_idx=layer_idx,
+        queries=group_queries(queries, num_kv_heads),
+        keys=keys,
+        values=values,
+        hidden_states=hidden,
+        positions=torch.arange(keys.shape[1], device=keys.device),
+        target=target,
+        scaling=float(scaling),
+        o_proj_weight=module.o_proj.weight,
+        sink=sink,
+    )
 
 
 def _prefill_steps(total: int, step_size: int, min_last: int) -> list[tuple[int, int]]:

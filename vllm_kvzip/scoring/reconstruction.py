@@ -49,3 +49,62 @@ class RepeatPrompt:
         else:
             prompt = list(self.later_prompt_ids) + list(context_ids[max(0, start - OVERLAP_TOKENS) : start])
         return prompt + list(self.postfix_ids) + list(context_ids[start:end])
+
+
+@dataclass(frozen=True)
+class ReconstructionChunk:
+    """One reconstruction forward of a whole prompt (the vLLM path and its oracle).
+
+    input_ids: the repeat input (instruction [+ overlap], assistant postfix, chunk).
+    start_position: position of input_ids[0]; the repeat tokens sit after the whole prompt.
+    span: [start, end) prompt positions this pass scores.
+    sink: [start, end) prompt positions always inside KVzip's softmax.
+    """
+
+    input_ids: tuple[int, ...]
+    start_position: int
+    span: tuple[int, int]
+    sink: tuple[int, int]
+
+
+def prompt_reconstruction_chunks(
+    token_ids: Sequence[int],
+    num_tokens: int,
+    scored_end: int,
+    sink_tokens: int,
+    chunk_size: int,
+    repeat_prompt: RepeatPrompt,
+    max_positions: int | None = None,
+) -> list[ReconstructionChunk]:
+    """KVzip's reconstruction passes over prompt positions [0, scored_end) of a `num_tokens`-token prompt.
+
+    A vLLM request is one token sequence with no marked system prompt, so, as
+    kvpress's KVzipPress does, the first `sink_tokens` positions play the
+    reference's system prompt (always inside the softmax, never scored: the
+    policies keep them anyway) and positions [sinks, scored_end) are the
+    context, split into chunks of `chunk_size` tokens.  The repeat input of a
+    chunk sits at positions num_tokens, num_tokens + 1, ... (after the whole
+    prompt, dense tail included, as the reference places it after the whole
+    context); `max_positions` (the model's RoPE table) moves it earlier when
+    it would not fit.
+    """
+    sinks = min(sink_tokens, scored_end)
+    context = list(token_ids[sinks:scored_end])
+    if len(context) != scored_end - sinks:
+        raise ValueError(f"{len(token_ids)} token ids do not cover the {scored_end} scored positions")
+    chunks = []
+    for span in chunk_spans(len(context), chunk_size):
+        input_ids = tuple(repeat_prompt.input_ids(context, span))
+        start = num_tokens
+        if max_positions is not None and start + len(input_ids) > max_positions:
+            start = max_positions - len(input_ids)
+            if start < 0:
+                raise ValueError(f"a reconstruction input of {len(input_ids)} tokens exceeds {max_positions} positions")
+        chunks.append(ReconstructionChunk(input_ids, start, (sinks + span[0], sinks + span[1]), (0, sinks)))
+    return chunks
+
+
+def repeat_prompt_overhead(repeat_prompt: RepeatPrompt) -> int:
+    """Tokens a repeat input holds besides its chunk (the longest instruction, overlap and postfix)."""
+    instruction = max(len(repeat_prompt.first_prompt_ids), len(repeat_prompt.later_prompt_ids) + OVERLAP_TOKENS)
+    return instruction + len(repeat_prompt.postfix_ids)

@@ -168,9 +168,9 @@ def test_preempted_request_is_compressed_again_at_its_new_length(compressing_sch
     admissions: dict[str, list[int]] = {}
     original = manager.note_admission
 
-    def spy(request_id, num_tokens, keep_ratio):
+    def spy(request_id, num_tokens, keep_ratio, **kwargs):
         admissions.setdefault(request_id, []).append(num_tokens)
-        original(request_id, num_tokens, keep_ratio)
+        original(request_id, num_tokens, keep_ratio, **kwargs)
 
     manager.note_admission = spy
     preemptions = 0

@@ -51,11 +51,12 @@ def current_vllm_config():
 DENSE_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
 
 
-def dense_backend(name: str | None = None):
+def dense_backend(name: str | None = None, dtype=None):
     """(backend, builder, impl) of the vLLM backend that runs prefill rows.
 
-    FLASH_ATTN (FlashAttention-3 on Hopper) when vLLM can load it, else
-    TRITON_ATTN; `name` forces one of DENSE_BACKENDS.
+    FLASH_ATTN (FlashAttention-3 on Hopper) when vLLM can load it and it supports
+    the model's `dtype` (fp16 / bf16), else TRITON_ATTN (which also runs float32);
+    `name` forces one of DENSE_BACKENDS.
     """
     if name not in (None, "", *DENSE_BACKENDS):
         raise ValueError(f"VLLM_KVZIP_PREFILL_BACKEND={name!r}; valid values: {', '.join(DENSE_BACKENDS)}")
@@ -63,7 +64,9 @@ def dense_backend(name: str | None = None):
         try:
             from vllm.v1.attention.backends import flash_attn
 
-            return flash_attn.FlashAttentionBackend, flash_attn.FlashAttentionMetadataBuilder, flash_attn.FlashAttentionImpl
+            backend = flash_attn.FlashAttentionBackend
+            if name == "FLASH_ATTN" or dtype is None or dtype in backend.supported_dtypes:
+                return backend, flash_attn.FlashAttentionMetadataBuilder, flash_attn.FlashAttentionImpl
         except Exception:
             if name == "FLASH_ATTN":
                 raise

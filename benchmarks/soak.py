@@ -71,8 +71,12 @@ from vllm_kvzip.eval.synthetic import TASKS, make_example  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SERVED_NAME = "soak"
-# vLLM on a small CPU machine (tests/conftest.py): both cores for compute, 1 GiB KV pool.
-CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "all", "TOKENIZERS_PARALLELISM": "false"}
+# vLLM on a small CPU machine (as tests/conftest.py): every core computes (none reserved), 1 GiB KV pool.
+CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 @dataclass
@@ -127,9 +131,10 @@ def build_specs(args, tokenizer) -> list[Spec]:
             content += "\n" + question.answer_prefix
             prompt_tokens = len(tokenizer.encode(content))
         else:
-            prompt_tokens = len(
-                tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
             )
+            prompt_tokens = len(tokenizer.encode(text, add_special_tokens=False))
         spec = Spec(
             index=index, kind=kind, stream=rng.random() < 0.5, opt_out=rng.random() < args.opt_out_fraction,
             task=task, token_budget=budget, max_tokens=args.max_tokens, content=content, prompt_tokens=prompt_tokens,
@@ -187,8 +192,9 @@ async def send(client, spec: Spec, request_id: str, args, *, prompt_ids: list[in
         if stream:
             chunks = 0
             async for chunk in response:
-                if result.prompt_token_ids == [] and _extra(chunk, "prompt_token_ids"):
-                    result.prompt_token_ids = list(_extra(chunk, "prompt_token_ids"))
+                for source in (chunk, *chunk.choices):  # chat: on the chunk; completions: on the choice
+                    if not result.prompt_token_ids and _extra(source, "prompt_token_ids"):
+                        result.prompt_token_ids = list(_extra(source, "prompt_token_ids"))
                 for choice in chunk.choices:
                     result.token_ids += list(_extra(choice, "token_ids") or [])
                     result.finish_reason = choice.finish_reason or result.finish_reason

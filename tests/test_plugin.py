@@ -180,3 +180,17 @@ def test_kvzip_needs_a_chat_template(embedded_model, tmp_path):
     os.remove(os.path.join(model, "chat_template.jinja"))
     with pytest.raises(KVCompressionConfigError, match="--kv-compression kvzip: the tokenizer has no chat template"):
         _engine_config(model, {"method": "kvzip"})
+def test_prefill_backend_follows_the_model_dtype():
+    """FlashAttention has no float32: a float32 model prefills through TRITON_ATTN, fp16/bf16 through a
+    backend that supports them, and VLLM_KVZIP_PREFILL_BACKEND still forces one."""
+    import torch
+
+    from vllm_kvzip.adapter.attention_api import dense_backend
+
+    backend, _, _ = dense_backend(None, torch.float32)
+    assert backend.__name__ == "TritonAttentionBackend" and torch.float32 in backend.supported_dtypes
+    for dtype in (torch.float16, torch.bfloat16):
+        assert dtype in dense_backend(None, dtype)[0].supported_dtypes
+    assert dense_backend("TRITON_ATTN", torch.bfloat16)[0].__name__ == "TritonAttentionBackend"
+    with pytest.raises(ValueError, match="valid values"):
+        dense_backend("FLASHINFER", torch.bfloat16)

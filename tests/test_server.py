@@ -1,63 +1,14 @@
 """`vllm serve MODEL --kv-compression ...` with the OpenAI client: chat, streaming, completions,
-per-request settings (vllm_xargs) and their HTTP 400s."""
+per-request settings (vllm_xargs) and their HTTP 400s.  The server is the session fixture `server`
+(tests/conftest.py)."""
 
 from __future__ import annotations
-
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
 from vllm_kvzip.eval.synthetic import make_example
 
 pytestmark = pytest.mark.engine
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(embedded_model, tmp_path_factory):
-    import requests
-
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", embedded_model,
-        "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-        "--block-size", "16", "--served-model-name", "smollm2",
-        "--kv-compression", "streaming", "--kv-compression-ratio", "0.3", "--kv-compression-window", "64",
-    ]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(2)
-        else:
-            raise TimeoutError(f"vllm serve did not become healthy:\n{log_path.read_text()[-4000:]}")
-        yield base, log_path
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def _long_question():

@@ -51,21 +51,22 @@ def current_vllm_config():
 DENSE_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
 
 
-def dense_backend(name: str | None = None):
+def dense_backend(name: str | None = None, dtype=None):
     """(backend, builder, impl) of the vLLM backend that runs prefill rows.
 
-    FLASH_ATTN (FlashAttention-3 on Hopper) when vLLM can load it, else
-    TRITON_ATTN; `name` forces one of DENSE_BACKENDS.
+    FLASH_ATTN (FlashAttention-3 on Hopper) when vLLM can load it and it supports
+    the model's `dtype` (fp16 / bf16), else TRITON_ATTN (which also runs float32);
+    `name` forces one of DENSE_BACKENDS.
     """
     if name not in (None, "", *DENSE_BACKENDS):
         raise ValueError(f"VLLM_KVZIP_PREFILL_BACKEND={name!r}; valid values: {', '.join(DENSE_BACKENDS)}")
-    if name in (None, "") and _model_dtype_is_float32():
-        name = "TRITON_ATTN"  # FlashAttention has no float32 kernels
     if name in (None, "", "FLASH_ATTN"):
         try:
             from vllm.v1.attention.backends import flash_attn
 
-            return flash_attn.FlashAttentionBackend, flash_attn.FlashAttentionMetadataBuilder, flash_attn.FlashAttentionImpl
+            backend = flash_attn.FlashAttentionBackend
+            if name == "FLASH_ATTN" or dtype is None or dtype in backend.supported_dtypes:
+                return backend, flash_attn.FlashAttentionMetadataBuilder, flash_attn.FlashAttentionImpl
         except Exception:
             if name == "FLASH_ATTN":
                 raise
@@ -81,13 +82,6 @@ def slice_common_metadata(metadata, first_row: int, end_row: int, first_token: i
     return _make_metadata_with_slice(UBatchSlice(slice(first_row, end_row), slice(first_token, token_end)), metadata)
 
 
-def _model_dtype_is_float32() -> bool:
-    import torch
-    from vllm.config import get_current_vllm_config_or_none
-
-    vllm_config = get_current_vllm_config_or_none()
-    model_config = getattr(vllm_config, "model_config", None)
-    return model_config is not None and model_config.dtype == torch.float32
 def current_layer_metadata(layer_name: str):
     """The attention metadata vLLM's forward context holds for `layer_name` (None outside a forward)."""
     from vllm.forward_context import get_forward_context, is_forward_context_available

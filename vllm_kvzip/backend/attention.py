@@ -28,6 +28,7 @@ from vllm_kvzip.adapter.attention_api import (
     AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
+    current_vllm_config,
     dense_backend,
     slice_common_metadata,
     triton_backend,
@@ -44,8 +45,12 @@ _TritonBackend, _TritonBuilder, _TritonImpl, _TritonMetadata = triton_backend()
 PREFILL_BACKEND_ENV = "VLLM_KVZIP_PREFILL_BACKEND"
 
 
-def _dense_triad():
-    return dense_backend(os.environ.get(PREFILL_BACKEND_ENV))
+def _dense_triad(dtype=None):
+    """The prefill backend for the model's dtype (FlashAttention has no float32)."""
+    if dtype is None:
+        model_config = getattr(current_vllm_config(), "model_config", None)
+        dtype = getattr(model_config, "dtype", None)
+    return dense_backend(os.environ.get(PREFILL_BACKEND_ENV), dtype)
 
 
 class KVzipAttentionMetadataBuilder(AttentionMetadataBuilder):
@@ -56,7 +61,7 @@ class KVzipAttentionMetadataBuilder(AttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         # Decode rows first: they take the ragged kernel, the rest the dense path.
         self._init_reorder_batch_threshold(1)
-        _, dense_builder_cls, _ = _dense_triad()
+        _, dense_builder_cls, _ = _dense_triad(vllm_config.model_config.dtype)
         self.dense_builder = dense_builder_cls(kv_cache_spec, layer_names, vllm_config, device)
         self.compression = kv_compression_config(vllm_config)
         state = install_state(self.compression, kv_cache_spec, layer_names, vllm_config, device)

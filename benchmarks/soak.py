@@ -426,6 +426,8 @@ async def run(args) -> dict:
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "server_command": shlex.join(["vllm", "serve", *server.command[server.command.index("serve") + 1:]]),
         "server_log": str(log_path),
+        "env": {key: value for key, value in {**os.environ, **env}.items()
+                if key.startswith(("VLLM_", "OMP_")) and key != "VLLM_API_KEY"},
         "seed": args.seed,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -455,3 +455,27 @@ def test_served_requests_longer_than_the_model_allows(server):
     assert at_limit.usage.completion_tokens == 8
     assert _chat(client, other, max_tokens=16).choices[0].token_ids == clean
     _assert_server_holds_nothing(base)
+
+
+def test_bad_per_request_settings_in_a_stream_get_http_400(server):
+    """A stream with bad vllm_xargs is refused with HTTP 400 before it starts, not with an error
+    event inside an HTTP 200 stream; the server keeps serving."""
+    import httpx
+
+    base, _ = server
+    bodies = {
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
+        "/v1/completions": {"prompt": "Hi"},
+    }
+    for path, body in bodies.items():
+        for bad, fragment in (({"kv_compression_ratio": 1.5}, "0 < ratio <= 1"), ({"kv_compression": "kvzip"}, "per request")):
+            request = {"model": "smollm2", "max_tokens": 4, "stream": True, "vllm_xargs": bad, **body}
+            response = httpx.post(f"{base}{path}", json=request, timeout=120)
+            assert response.status_code == 400, response.text
+            assert fragment in response.json()["error"]["message"]
+        good = {"model": "smollm2", "max_tokens": 4, "stream": True, "vllm_xargs": {"kv_compression_ratio": 0.5}, **body}
+        with httpx.stream("POST", f"{base}{path}", json=good, timeout=120) as response:
+            assert response.status_code == 200
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and not any('"error"' in event for event in events)
+    _assert_server_holds_nothing(base)

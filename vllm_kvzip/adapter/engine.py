@@ -81,6 +81,8 @@ def prepare_engine_args(engine_args: Any) -> KVCompressionConfig:
     if engine_args.kv_transfer_config is not None:
         refuse("--kv-transfer-config", "KV connectors are not supported with compressed KV yet")
 
+    install_serving_validation()
+
     if engine_args.enable_prefix_caching is None:
         logger.info("vllm-kvzip: prefix caching is not supported with KV compression yet; switched off")
         engine_args.enable_prefix_caching = False
@@ -230,3 +232,39 @@ def install_request_validation() -> None:
 
     InputProcessor._validate_params = _validate_params
     InputProcessor._vllm_kvzip_hooked = True
+
+
+def install_serving_validation() -> None:
+    """HTTP 400 for bad per-request settings in streaming requests too (OpenAI server process only).
+
+    The check above runs when the engine client adds the request.  For a stream
+    that is after vLLM's OpenAI server has answered HTTP 200 and sent the
+    headers, so a bad value would only come back as an error event inside the
+    stream.  Checking `vllm_xargs` when the server receives a chat or completion
+    request answers streaming and non-streaming requests alike with HTTP 400.
+    """
+    import sys
+
+    if "vllm.entrypoints.openai.api_server" not in sys.modules:
+        return  # offline LLM(), engine core, workers: no OpenAI server here
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+
+    from vllm_kvzip.config import request_keep_ratio
+
+    def checked(original):
+        async def create(self, request, *args, **kwargs):
+            extra_args = getattr(request, "vllm_xargs", None)
+            if extra_args:
+                try:
+                    request_keep_ratio(kv_compression_config(self.engine_client.vllm_config), extra_args)
+                except KVCompressionConfigError as error:
+                    return self.create_error_response(str(error))
+            return await original(self, request, *args, **kwargs)
+
+        create._vllm_kvzip_hooked = True
+        return create
+
+    for cls, name in ((OpenAIServingChat, "create_chat_completion"), (OpenAIServingCompletion, "create_completion")):
+        if not getattr(getattr(cls, name), "_vllm_kvzip_hooked", False):
+            setattr(cls, name, checked(getattr(cls, name)))

@@ -91,9 +91,9 @@ class Watch:
             self.preempted.append((request.request_id, request.num_tokens))
             preempt(request, timestamp)
 
-        def spy_admission(request_id, num_tokens, keep_ratio):
+        def spy_admission(request_id, num_tokens, keep_ratio, **kwargs):
             self.admissions.setdefault(request_id, []).append(num_tokens)
-            note_admission(request_id, num_tokens, keep_ratio)
+            note_admission(request_id, num_tokens, keep_ratio, **kwargs)
 
         scheduler._preempt_request = spy_preempt
         manager.note_admission = spy_admission

@@ -165,6 +165,8 @@ async def send(client, spec: Spec, request_id: str, args, *, prompt_ids: list[in
     import openai
 
     extra_body: dict = {"return_token_ids": True, "request_id": request_id}
+    if args.ignore_eos:
+        extra_body["ignore_eos"] = True
     xargs = {}
     if spec.opt_out:
         xargs["kv_compression"] = "none"
@@ -401,6 +403,8 @@ async def run(args) -> dict:
         "keep_ratio": args.ratio,
         "dtype": args.dtype,
         "max_tokens": args.max_tokens,
+        "ignore_eos": args.ignore_eos,
+        "window": args.window if args.window is not None else 128,
         "duration_s": round(duration, 1),
         "completed": len(completed),
         "disconnected": sum(r.status == "disconnected" for r in results),
@@ -447,6 +451,8 @@ def parse_args(argv=None):
     parser.add_argument("--duration", type=float, default=1800.0,
                         help="seconds after which no new request starts in the concurrent phase")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="every request generates --max-tokens tokens (more decode, more KV pressure)")
     parser.add_argument("--prompt-tokens", default="64,1500",
                         help="LOW,HIGH token budget of the synthetic prompts (default 64,1500)")
     parser.add_argument("--max-model-len", type=int, default=2048)

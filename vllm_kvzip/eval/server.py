@@ -224,9 +224,11 @@ def wait_until_drained(base_url: str, timeout: float = 120.0, probe: bool = True
 
 
 # -- the plugin's log ------------------------------------------------------------------
+# Two forms: "kept K of T context tokens (ratio ...)" (keep-ratio methods: T is the prompt) and
+# "kept K of E context tokens per (layer, head) + D dense tail tokens" (threshold mode: E + D).
 _COMPRESSED = re.compile(
-    r"vllm-kvzip: request (\S+) compressed \(([^)]+)\): kept [\d.]+ of (\d+) context tokens per \(layer, head\) "
-    r"\+ (\d+) dense tail tokens"
+    r"vllm-kvzip: request (\S+) compressed \(([^)]+)\): kept [\d.]+ of (\d+) context tokens "
+    r"(?:per \(layer, head\) \+ (\d+) dense tail tokens|\(ratio)"
 )
 
 
@@ -234,5 +236,5 @@ def compressions_in_log(log: str) -> dict[str, list[int]]:
     """Engine request id -> token counts at which it was compressed, in log order."""
     found: dict[str, list[int]] = {}
     for request_id, _method, evictable, tail in _COMPRESSED.findall(log):
-        found.setdefault(request_id, []).append(int(evictable) + int(tail))
+        found.setdefault(request_id, []).append(int(evictable) + int(tail or 0))
     return found

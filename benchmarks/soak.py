@@ -222,7 +222,8 @@ async def send(client, spec: Spec, request_id: str, args, *, prompt_ids: list[in
                     break
         else:
             choice = response.choices[0]
-            result.prompt_token_ids = list(_extra(response, "prompt_token_ids") or _extra(choice, "prompt_token_ids") or [])
+            prompt_ids = _extra(response, "prompt_token_ids") or _extra(choice, "prompt_token_ids")  # chat | completion
+            result.prompt_token_ids = list(prompt_ids or [])
             result.token_ids = list(_extra(choice, "token_ids") or [])
             result.finish_reason = choice.finish_reason
         result.status = result.status or "completed"

@@ -37,7 +37,7 @@ shared machine add VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS=1, as these 
         --server-args="--num-gpu-blocks-override 66" --output benchmarks/results/soak_cpu.json
     # the same with --method kvzap-mlp --output benchmarks/results/soak_cpu_kvzap.json
 
-GPU (one H100; about 5 minutes each).  Correctness under preemption: the embedded model with its
+GPU (one H100; an estimate of 5 minutes each, not run yet).  Correctness under preemption: the embedded model with its
 real weights in float32 (prefills through TRITON_ATTN, FlashAttention has no float32), CUDA graphs
 and async scheduling on, a 1000-block pool (16k tokens) that 32 clients overfill:
 

@@ -29,17 +29,28 @@ concurrent and the sequential run.  `--dtype float32` (the default) makes that r
 `mismatched_outputs` as numerics unless the mismatches cluster on preempted or compressed requests
 (the JSON lists each mismatch with its first differing position).
 
-CPU (the committed benchmarks/results/soak_cpu.json; a 160-block pool forces preemption):
+CPU (the committed results; a 66-block pool (1056 tokens) and --ignore-eos force preemptions; on a
+shared machine add VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS=1, as these runs did):
 
-    python benchmarks/soak.py --requests 40 --concurrency 6 --max-tokens 32 --prompt-tokens 64,1500 \\
-        --server-args="--num-gpu-blocks-override 160" --output benchmarks/results/soak_cpu.json
+    python benchmarks/soak.py --requests 32 --concurrency 8 --max-tokens 96 --ignore-eos \
+        --prompt-tokens 64,500 --window 64 --max-model-len 1024 \
+        --server-args="--num-gpu-blocks-override 66" --output benchmarks/results/soak_cpu.json
+    # the same with --method kvzap-mlp --output benchmarks/results/soak_cpu_kvzap.json
 
-GPU (one H100; the embedded SmolLM2-135M-Instruct with its real weights, float32, CUDA graphs on;
-the small pool forces preemption, drop it for a run without):
+GPU (one H100; an estimate of 5 minutes each, not run yet).  Correctness under preemption: the embedded model with its
+real weights in float32 (prefills through TRITON_ATTN, FlashAttention has no float32), CUDA graphs
+and async scheduling on, a 1000-block pool (16k tokens) that 32 clients overfill:
 
-    python benchmarks/soak.py --requests 600 --concurrency 48 --duration 1200 --max-tokens 128 \\
-        --prompt-tokens 64,7000 --max-model-len 8192 \\
-        --server-args="--num-gpu-blocks-override 2000" --output benchmarks/results/soak_h100.json
+    python benchmarks/soak.py --requests 240 --concurrency 32 --max-tokens 128 --ignore-eos \
+        --prompt-tokens 64,6000 --max-model-len 8192 --duration 400 \
+        --server-args="--num-gpu-blocks-override 1000" --output benchmarks/results/soak_h100.json
+
+Load, memory and kernels of a real deployment (Llama-3.1-8B shapes, random weights, bf16; random
+weights make greedy ties everywhere, so outputs are not compared):
+
+    python benchmarks/soak.py --model llama-3.1-8b-dummy --dtype bfloat16 --no-compare \
+        --requests 200 --concurrency 64 --max-tokens 256 --ignore-eos --prompt-tokens 256,15000 \
+        --max-model-len 16384 --duration 400 --output benchmarks/results/soak_h100_llama8b.json
 """
 
 from __future__ import annotations
@@ -54,8 +65,9 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +83,7 @@ from vllm_kvzip.eval.synthetic import TASKS, make_example  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SERVED_NAME = "soak"
+DUMMY_LLAMA = "llama-3.1-8b-dummy"  # --model value: Llama-3.1-8B shapes, random weights
 # vLLM on a small CPU machine (as tests/conftest.py): every core computes (none reserved), 1 GiB KV pool.
 CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -209,7 +222,8 @@ async def send(client, spec: Spec, request_id: str, args, *, prompt_ids: list[in
                     break
         else:
             choice = response.choices[0]
-            result.prompt_token_ids = list(_extra(response, "prompt_token_ids") or _extra(choice, "prompt_token_ids") or [])
+            prompt_ids = _extra(response, "prompt_token_ids") or _extra(choice, "prompt_token_ids")  # chat | completion
+            result.prompt_token_ids = list(prompt_ids or [])
             result.token_ids = list(_extra(choice, "token_ids") or [])
             result.finish_reason = choice.finish_reason
         result.status = result.status or "completed"
@@ -348,18 +362,30 @@ async def run(args) -> dict:
     from openai import AsyncOpenAI
     from transformers import AutoTokenizer
 
-    on_gpu = not device_name().startswith("cpu")
-    model = args.model
-    if model is None:
-        from vllm_kvzip.models import ensure_embedded_model
+    from vllm_kvzip.models import ensure_embedded_model
 
-        model = ensure_embedded_model()
+    on_gpu = not device_name().startswith("cpu")
+    model = args.model or ensure_embedded_model()
+    extra_server_args = []
+    if model == DUMMY_LLAMA:
+        # Llama-3.1-8B's shapes with random weights (benchmarks/throughput.py) and the embedded
+        # model's tokenizer: load, memory and kernels of a real deployment, meaningless text.
+        from throughput import make_dummy_model
+
+        embedded = Path(ensure_embedded_model())
+        model = make_dummy_model(Path(tempfile.mkdtemp(prefix="soak-llama8b-")), str(embedded))
+        for name in ("chat_template.jinja",):
+            if (embedded / name).is_file():
+                (Path(model) / name).write_bytes((embedded / name).read_bytes())
+        extra_server_args = ["--load-format", "dummy"]
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
     specs = build_specs(args, tokenizer)
     by_index = {spec.index: spec for spec in specs}
     env = {} if on_gpu else {key: value for key, value in CPU_ENV.items() if key not in os.environ}
     log_path = Path(args.log or (Path(args.output).with_suffix(".log")))
-    server = VLLMServer(model, server_args(args, on_gpu), log_path, env=env, startup_timeout=args.startup_timeout)
+    server = VLLMServer(
+        model, server_args(args, on_gpu) + extra_server_args, log_path, env=env, startup_timeout=args.startup_timeout
+    )
     print(f"starting: {shlex.join(server.command)}", flush=True)
     summary: dict = {}
     with server:
@@ -398,7 +424,7 @@ async def run(args) -> dict:
         "mismatched_outputs": len(mismatches),
         "compared_outputs": compared,
         "device": device_name(),
-        "model": model if args.model else "SmolLM2-135M-Instruct (embedded)",
+        "model": args.model or "SmolLM2-135M-Instruct (embedded)",
         "method": args.method,
         "keep_ratio": args.ratio,
         "dtype": args.dtype,
@@ -441,7 +467,8 @@ async def run(args) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model path or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", help=f"model path or hub id (default: the embedded SmolLM2-135M-Instruct); "
+                        f"{DUMMY_LLAMA}: Llama-3.1-8B's shapes with random weights")
     parser.add_argument("--tokenizer", help="tokenizer for sizing the prompts (default: the model's)")
     parser.add_argument("--method", default="streaming", help="--kv-compression method (default streaming)")
     parser.add_argument("--ratio", type=float, default=0.3, help="--kv-compression-ratio (default 0.3)")

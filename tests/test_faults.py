@@ -328,15 +328,16 @@ def test_preemption_under_memory_pressure(engine, watch, prompts, clean):
         if not job.compressed:  # a dense request recomputes exactly: its output is the clean one
             assert driver.outputs[job.name] == clean(job)
         elif len(set(admissions)) > 1:
-            recompressed += 1
-            # Its last compression covered prompt + the outputs it had when it resumed.
             geometry = CompressionGeometry(
                 num_tokens=max(admissions), block_size=BLOCK_SIZE, window=SETTINGS["window"],
                 keep_ratio=(job.extra or {}).get("kv_compression_ratio", SETTINGS["keep_ratio"]),
                 num_kv_heads=state.num_kv_heads, sink_tokens=state.config.sink_tokens,
             )
-            keep = state.recorded_keep_sets[watch.engine_id(job.name)]
-            assert keep.shape[-1] == geometry.evictable_tokens
+            if geometry.compresses:
+                # Its last compression covered prompt + the outputs it had when it resumed.
+                recompressed += 1
+                keep = state.recorded_keep_sets[watch.engine_id(job.name)]
+                assert keep.shape[-1] == geometry.evictable_tokens
     # At least one compressed request was preempted after decoding and compressed again.
     assert recompressed >= 1, watch.preempted[preempted:]
     _assert_nothing_leaked(engine, start)
@@ -447,12 +448,7 @@ def test_served_requests_longer_than_the_model_allows(server):
             _chat(client, content, max_tokens=max_tokens)
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.completions.create(model="smollm2", prompt=[7] * (SERVER_MAX_MODEL_LEN + 1), max_tokens=4)
-    # At the limit: accepted, compressed and answered; the server keeps serving.
-    at_limit = client.completions.create(
-        model="smollm2", prompt=[7] * (SERVER_MAX_MODEL_LEN - 8), max_tokens=8, temperature=0,
-        extra_body={"ignore_eos": True},
-    )
-    assert at_limit.usage.completion_tokens == 8
+    # The server keeps serving, unchanged (a request at the limit: test_requests_longer_than_the_model_allows).
     assert _chat(client, other, max_tokens=16).choices[0].token_ids == clean
     _assert_server_holds_nothing(base)
 
@@ -467,13 +463,15 @@ def test_bad_per_request_settings_in_a_stream_get_http_400(server):
         "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
         "/v1/completions": {"prompt": "Hi"},
     }
+    bad_settings = (({"kv_compression_ratio": 1.5}, "0 < ratio <= 1"), ({"kv_compression": "kvzip"}, "per request"))
     for path, body in bodies.items():
-        for bad, fragment in (({"kv_compression_ratio": 1.5}, "0 < ratio <= 1"), ({"kv_compression": "kvzip"}, "per request")):
+        for bad, fragment in bad_settings:
             request = {"model": "smollm2", "max_tokens": 4, "stream": True, "vllm_xargs": bad, **body}
             response = httpx.post(f"{base}{path}", json=request, timeout=120)
             assert response.status_code == 400, response.text
             assert fragment in response.json()["error"]["message"]
-        good = {"model": "smollm2", "max_tokens": 4, "stream": True, "vllm_xargs": {"kv_compression_ratio": 0.5}, **body}
+        good = {"model": "smollm2", "max_tokens": 4, "stream": True, "vllm_xargs": {"kv_compression_ratio": 0.5}}
+        good.update(body)
         with httpx.stream("POST", f"{base}{path}", json=good, timeout=120) as response:
             assert response.status_code == 200
             events = [line for line in response.iter_lines() if line.startswith("data: ")]

@@ -175,9 +175,7 @@ def request_token_ids(request) -> list[int]:
 def run_pending_compressions(runner, state, skip=()) -> None:
     if not state.pending:
         return
-    from vllm_kvzip.backend.compressor import compress_request
-
-    from vllm_kvzip.backend.compressor import compress_threshold_request
+    from vllm_kvzip.backend.compressor import compress_request, compress_threshold_request
 
     pending, state.pending = state.pending, {}
     kv_caches = attention_kv_caches(runner, state.layer_names)

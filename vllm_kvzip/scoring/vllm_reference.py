@@ -136,14 +136,17 @@ def generate_like_vllm(
     past, implementation = (cache, None) if keep is None else (ragged, RAGGED_IMPLEMENTATION)
     with attention_implementation(model, implementation) if implementation else contextlib.nullcontext():
         while len(generated) < max_new_tokens and generated[-1] not in stops:
-            position = num_tokens + len(generated) - 1
-            step_ids = torch.tensor([[generated[-1]]], device=device)
-            positions = torch.tensor([[position]], device=device)
-            logits = model(
-                input_ids=step_ids, position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1
-            ).logits
-            generated.append(int(logits[0, -1].argmax()))
+            generated.append(_greedy_step(model, past, generated[-1], num_tokens + len(generated) - 1))
     return ReferenceResult(token_ids=generated, geometry=geometry, keep=keep, scores=scores)
+
+
+def _greedy_step(model: nn.Module, past, token: int, position: int) -> int:
+    """Feed `token` at `position` through the cache `past`; the argmax of the next token."""
+    device = next(model.parameters()).device
+    step_ids = torch.tensor([[token]], device=device)
+    positions = torch.tensor([[position]], device=device)
+    logits = model(input_ids=step_ids, position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1).logits
+    return int(logits[0, -1].argmax())
 
 
 @torch.no_grad()
@@ -259,12 +262,7 @@ def _generate_with_folding(
         with attention_implementation(model, RAGGED_IMPLEMENTATION):
             while len(generated) < max_new_tokens and generated[-1] not in stops:
                 position = num_tokens + len(generated) - 1
-                step_ids = torch.tensor([[generated[-1]]], device=device)
-                positions = torch.tensor([[position]], device=device)
-                logits = model(
-                    input_ids=step_ids, position_ids=positions, past_key_values=ragged, use_cache=True, logits_to_keep=1
-                ).logits
-                generated.append(int(logits[0, -1].argmax()))
+                generated.append(_greedy_step(model, ragged, generated[-1], position))
                 for layer in range(num_layers):
                     scores[layer] = torch.cat([scores[layer], surrogate.layer_scores(layer, hidden[layer][0]).to(device)], dim=-1)
                 if config.decode_eviction and max(0, (position + 1 - config.window) // block_size) >= next_block:

@@ -4,6 +4,9 @@ per-request settings (vllm_xargs) and their HTTP 400s.  The server is the sessio
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from vllm_kvzip.eval.synthetic import make_example

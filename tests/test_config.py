@@ -54,6 +54,11 @@ def test_method_name_alone_and_aliases():
         ({"method": "kvzip", "head_scores": "/tmp/x"}, "--kv-compression-head-scores", "applies only to --kv-compression head"),
         ({"method": "kvzip", "decode_eviction": True}, "--kv-compression-decode-eviction", "threshold mode"),
         ({"method": "kvzip", "colour": "red"}, "kv_compression", "unknown setting(s) colour"),
+        ({"method": "snapkv", "snapkv_window": 0}, "--kv-compression-snapkv-window", "1..65536"),
+        ({"method": "snapkv", "snapkv_window": "wide"}, "--kv-compression-snapkv-window", "not an integer"),
+        ({"method": "snapkv", "snapkv_kernel": 4}, "--kv-compression-snapkv-kernel", "odd integers 1..255"),
+        ({"method": "snapkv", "snapkv_kernel": 0}, "--kv-compression-snapkv-kernel", "1..255"),
+        ({"method": "snapkv", "snapkv_kernel": 257}, "--kv-compression-snapkv-kernel", "1..255"),
     ],
 )
 def test_bad_values_name_the_flag(settings, flag, fragment):
@@ -100,3 +105,14 @@ def test_fuzzed_settings_either_parse_or_raise_the_config_error(method, ratio, w
         return
     assert config.keep_ratio is None or (0 < config.keep_ratio <= 1 and math.isfinite(config.keep_ratio))
     assert 0 <= config.window <= 1 << 20
+
+
+def test_snapkv_settings():
+    config = KVCompressionConfig.parse({"method": "snapkv"})
+    assert (config.snapkv_window, config.snapkv_kernel) == (64, 5)  # kvpress's SnapKVPress defaults
+    assert config.is_observation and config.has_scoring_pass and not config.is_reconstruction
+    config = KVCompressionConfig.parse({"method": "snapkv", "snapkv_window": "32", "snapkv_kernel": 7})
+    assert (config.snapkv_window, config.snapkv_kernel) == (32, 7)
+    assert KVCompressionConfig.parse(config.to_dict()) == config
+    assert KVCompressionConfig.parse("kvzip").has_scoring_pass
+    assert not KVCompressionConfig.parse("kvzap-mlp").has_scoring_pass

@@ -62,6 +62,8 @@ FLAGS = [
     "--kv-compression-policy",
     "--kv-compression-sink-tokens",
     "--kv-compression-chunk-size",
+    "--kv-compression-snapkv-window",
+    "--kv-compression-snapkv-kernel",
     "--kv-compression-seed",
     "--kv-compression-decode-eviction",
 ]
@@ -180,6 +182,27 @@ def test_kvzip_needs_a_chat_template(embedded_model, tmp_path):
     os.remove(os.path.join(model, "chat_template.jinja"))
     with pytest.raises(KVCompressionConfigError, match="--kv-compression kvzip: the tokenizer has no chat template"):
         _engine_config(model, {"method": "kvzip"})
+# ---- SnapKV's observation pass ---------------------------------------------------------
+
+
+def test_snapkv_engine_config_is_accepted(embedded_model):
+    vllm_config = _engine_config(embedded_model, {"method": "snapkv", "snapkv_window": 32, "snapkv_kernel": 3})
+    settings = vllm_config.additional_config["kv_compression"]
+    assert settings["method"] == "snapkv" and settings["snapkv_window"] == 32 and settings["snapkv_kernel"] == 3
+
+
+def test_snapkv_window_must_fit_one_forward(embedded_model):
+    with pytest.raises(
+        KVCompressionConfigError, match=r"--kv-compression-snapkv-window 1500: .* --max-num-batched-tokens 1024; valid values: 1..1024"
+    ):
+        _engine_config(embedded_model, {"method": "snapkv", "snapkv_window": 1500}, max_num_batched_tokens=1024)
+
+
+def test_snapkv_settings_need_snapkv(embedded_model):
+    with pytest.raises(KVCompressionConfigError, match="--kv-compression-snapkv-kernel applies only to --kv-compression snapkv"):
+        _engine_config(embedded_model, {"method": "kvzip", "snapkv_kernel": 3})
+
+
 def test_prefill_backend_follows_the_model_dtype():
     """FlashAttention has no float32: a float32 model prefills through TRITON_ATTN, fp16/bf16 through a
     backend that supports them, and VLLM_KVZIP_PREFILL_BACKEND still forces one."""

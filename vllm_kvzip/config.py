@@ -29,6 +29,14 @@ METHODS: tuple[str, ...] = (
 KVZAP_METHODS: tuple[str, ...] = ("kvzap-linear", "kvzap-mlp")
 # Methods scored by KVzip's context-reconstruction pass (an extra forward pass per chunk).
 RECONSTRUCTION_METHODS: tuple[str, ...] = ("kvzip", "kvzip-plus")
+# Methods scored from the queries of the prompt's last tokens (SnapKV's observation window):
+# inside vLLM, one extra forward of those tokens over the request's cached KV.
+OBSERVATION_METHODS: tuple[str, ...] = ("snapkv",)
+# SnapKV defaults (kvpress's SnapKVPress): observation window and average-pooling kernel.
+DEFAULT_SNAPKV_WINDOW = 64
+DEFAULT_SNAPKV_KERNEL = 5
+MAX_SNAPKV_WINDOW = 1 << 16
+MAX_SNAPKV_KERNEL = 255
 
 # How scores turn into keep-sets when a keep ratio is given (see
 # vllm_kvzip.scoring.policies).  "layer" budgets are what the vLLM path packs
@@ -61,6 +69,8 @@ FLAG_OF_FIELD: dict[str, str] = {
     "chunk_size": "--kv-compression-chunk-size",
     "decode_eviction": "--kv-compression-decode-eviction",
     "seed": "--kv-compression-seed",
+    "snapkv_window": "--kv-compression-snapkv-window",
+    "snapkv_kernel": "--kv-compression-snapkv-kernel",
 }
 
 
@@ -92,6 +102,8 @@ class KVCompressionConfig(BaseModel):
     chunk_size: int = 2000
     decode_eviction: bool = False
     seed: int = 0
+    snapkv_window: int = DEFAULT_SNAPKV_WINDOW
+    snapkv_kernel: int = DEFAULT_SNAPKV_KERNEL
 
     # ---- field checks -------------------------------------------------------------
     @field_validator("method", mode="before")
@@ -132,7 +144,7 @@ class KVCompressionConfig(BaseModel):
             )
         return threshold
 
-    @field_validator("window", "sink_tokens", "chunk_size", "seed", mode="before")
+    @field_validator("window", "sink_tokens", "chunk_size", "seed", "snapkv_window", "snapkv_kernel", mode="before")
     @classmethod
     def _integers(cls, value: Any, info) -> Any:
         name = info.field_name
@@ -150,9 +162,14 @@ class KVCompressionConfig(BaseModel):
             "sink_tokens": (0, 4096),
             "chunk_size": (16, 1 << 17),
             "seed": (0, 2**63 - 1),
+            "snapkv_window": (1, MAX_SNAPKV_WINDOW),
+            "snapkv_kernel": (1, MAX_SNAPKV_KERNEL),
         }[name]
         if not (limits[0] <= number <= limits[1]):
             raise ValueError(f"{_flag(name)}: {value!r} is outside the valid range {limits[0]}..{limits[1]}")
+        if name == "snapkv_kernel" and number % 2 == 0:
+            # An even kernel with padding kernel // 2 shifts the pooled scores by one token.
+            raise ValueError(f"{_flag(name)}: {value!r} is even; valid values: odd integers 1..{limits[1]}")
         return number
 
     @field_validator("surrogate", "head_scores", mode="before")
@@ -206,6 +223,15 @@ class KVCompressionConfig(BaseModel):
     @property
     def is_reconstruction(self) -> bool:
         return self.method in RECONSTRUCTION_METHODS
+
+    @property
+    def is_observation(self) -> bool:
+        return self.method in OBSERVATION_METHODS
+
+    @property
+    def has_scoring_pass(self) -> bool:
+        """Scored by an extra forward of vLLM's model after the prefill (KVzip's reconstruction, SnapKV's window)."""
+        return self.is_reconstruction or self.is_observation
 
     @property
     def threshold_mode(self) -> bool:

@@ -105,6 +105,18 @@ def test_snapkv_scores_match_brute_force():
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_snapkv_scores_batch_heads_without_changing_them(kernel_size):
+    generator = torch.Generator().manual_seed(6)
+    queries = torch.randn(3, 2, 6, 8, generator=generator)
+    keys = torch.randn(3, 30, 8, generator=generator)
+    whole = snapkv_scores(queries, keys, scaling=0.35, kernel_size=kernel_size)
+    one_head_at_a_time = snapkv_scores(queries, keys, scaling=0.35, kernel_size=kernel_size, max_elements=1)
+    assert torch.equal(whole, one_head_at_a_time)
+    per_head = torch.cat([snapkv_scores(queries[h : h + 1], keys[h : h + 1], scaling=0.35, kernel_size=kernel_size) for h in range(3)])
+    assert torch.equal(whole, per_head)
+
+
 def test_streaming_scores_rank_sinks_then_recency():
     positions = torch.arange(10, 30)
     scores = streaming_scores(positions, num_kv_heads=2, sink_tokens=12)

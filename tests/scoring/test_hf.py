@@ -119,6 +119,18 @@ def test_prefill_scorers_see_the_right_tensors(kvzip, tmp_path):
         torch.testing.assert_close(kv.scores["snapkv"][layer_idx].double(), expected_snapkv.double(), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("window, kernel", [(16, 3), (80, 7)])
+def test_snapkv_settings_reach_the_scorer(kvzip, window, kernel):
+    """snapkv_window / snapkv_kernel; a window longer than a prefill step makes the last step longer."""
+    context_ids = kvzip.encode(CONTEXT * 2)[:100]
+    kv = kvzip.prefill(context_ids, {"method": "snapkv", "chunk_size": 32, "snapkv_window": window, "snapkv_kernel": kernel})
+    num_prefix = kv.prefix_length
+    for layer_idx, (q, k, _, _) in enumerate(layer_qkv(kvzip.model, kv.token_ids)):
+        grouped = q.reshape(kvzip.shape.num_kv_heads, -1, q.shape[1], q.shape[2])
+        expected = snapkv_scores(grouped[:, :, -window:], k, scaling=q.shape[-1] ** -0.5, kernel_size=kernel)[:, num_prefix:]
+        torch.testing.assert_close(kv.scores["snapkv"][layer_idx].double(), expected.double(), rtol=1e-5, atol=1e-8)
+
+
 def test_greedy_output_with_full_ragged_cache_matches_transformers(kvzip):
     kv = kvzip.prefill(CONTEXT * 3, {"method": "kvzip", "chunk_size": 64})
     kv.prune(1.0)

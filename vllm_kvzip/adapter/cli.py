@@ -45,7 +45,8 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             metavar="{" + ",".join(METHODS) + "}",
             help="Compression method (default: none). kvzip: reconstruction scoring (extra prefill-sized pass); "
             "kvzip-plus: KVzip with the ||W_O v||/||h|| normalisation; kvzap-linear / kvzap-mlp: learned "
-            "surrogate of KVzip+ on hidden states (no extra pass); head: saved per-head scores; snapkv, "
+            "surrogate of KVzip+ on hidden states (no extra pass); head: saved per-head scores; snapkv: "
+            "attention from the prompt's last tokens (extra pass of --kv-compression-snapkv-window tokens); "
             "streaming, random: baselines.",
         ),
     ),
@@ -95,6 +96,19 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--kv-compression-chunk-size": (
         "chunk_size",
         dict(type=str, metavar="TOKENS", help="KVzip: context chunk reconstructed per scoring pass (default 2000)."),
+    ),
+    "--kv-compression-snapkv-window": (
+        "snapkv_window",
+        dict(
+            type=str,
+            metavar="TOKENS",
+            help="SnapKV only: observation window, the last prompt tokens whose attention scores the cache "
+            "(default 64; at most --max-num-batched-tokens).",
+        ),
+    ),
+    "--kv-compression-snapkv-kernel": (
+        "snapkv_kernel",
+        dict(type=str, metavar="SIZE", help="SnapKV only: average-pooling kernel over the scores, odd (default 5)."),
     ),
     "--kv-compression-seed": (
         "seed",

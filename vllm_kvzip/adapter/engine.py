@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from vllm_kvzip.adapter.vllm_api import get_logger, is_cpu_platform
-from vllm_kvzip.config import KVCompressionConfig, KVCompressionConfigError
+from vllm_kvzip.config import FLAG_OF_FIELD, KVCompressionConfig, KVCompressionConfigError
 
 ADDITIONAL_CONFIG_KEY = "kv_compression"
 # Decoder-only architectures whose attention the scorers and kernels handle
@@ -21,7 +21,7 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 SUPPORTED_HEAD_SIZES = (64, 128)
 CUSTOM_BACKEND = "CUSTOM"
 # Methods the vLLM path scores today (the scoring library has them all).
-VLLM_METHODS = ("kvzip", "kvzip-plus", "streaming", "random", "head", "kvzap-linear", "kvzap-mlp")
+VLLM_METHODS = ("kvzip", "kvzip-plus", "snapkv", "streaming", "random", "head", "kvzap-linear", "kvzap-mlp")
 # Keep-ratio policies whose per-layer budget is fixed in advance (docs/design.md).
 VLLM_POLICIES = ("layer", "head", "adakv")
 
@@ -57,6 +57,13 @@ def prepare_engine_args(engine_args: Any) -> KVCompressionConfig:
             f"--kv-compression {config.method} is not available inside vLLM yet (the transformers API in "
             f"vllm_kvzip.scoring has it); methods available in vLLM: {', '.join(VLLM_METHODS)}"
         )
+    if not config.is_observation:
+        for field in ("snapkv_window", "snapkv_kernel"):
+            if getattr(config, field) != KVCompressionConfig.model_fields[field].default:
+                flag = FLAG_OF_FIELD[field]
+                raise KVCompressionConfigError(
+                    f"{flag} applies only to --kv-compression snapkv (got --kv-compression {config.method})"
+                )
     if config.policy is not None and config.policy not in VLLM_POLICIES:
         refuse(
             "--kv-compression-policy",
@@ -146,6 +153,8 @@ def validate_engine_config(vllm_config: Any, config: KVCompressionConfig) -> Non
     _check_method_assets(config, model_config)
     if config.is_reconstruction:
         _check_reconstruction(config, vllm_config)
+    if config.is_observation:
+        _check_observation(config, vllm_config)
 
     mode = f"threshold {config.threshold}" if config.threshold_mode else f"keep ratio {config.effective_keep_ratio}"
     logger.info(
@@ -207,6 +216,23 @@ def _check_reconstruction(config: KVCompressionConfig, vllm_config: Any) -> None
             f"--kv-compression-chunk-size {config.chunk_size}: a reconstruction forward holds up to {needed} tokens "
             f"(chunk + repeat instruction), more than --max-num-batched-tokens {budget}; valid values: "
             f"16..{budget - (needed - config.chunk_size)} (or raise --max-num-batched-tokens)"
+        )
+
+
+def _check_observation(config: KVCompressionConfig, vllm_config: Any) -> None:
+    """SnapKV's observation pass re-runs the prompt's last tokens: it needs their ids and one forward."""
+    model_config = vllm_config.model_config
+    if getattr(model_config, "enable_prompt_embeds", False):
+        raise KVCompressionConfigError(
+            f"--enable-prompt-embeds cannot be combined with --kv-compression {config.method}: the observation "
+            "pass re-runs the prompt's last tokens"
+        )
+    budget = vllm_config.scheduler_config.max_num_batched_tokens
+    if config.snapkv_window > budget:
+        raise KVCompressionConfigError(
+            f"--kv-compression-snapkv-window {config.snapkv_window}: the observation pass runs the window in one "
+            f"forward, more than --max-num-batched-tokens {budget}; valid values: 1..{budget} "
+            "(or raise --max-num-batched-tokens)"
         )
 
 

@@ -1,7 +1,10 @@
 """KVzip's reconstruction pass as a forward of vLLM's own model (V1 model runner, vLLM 0.26.0).
 
 `build_reconstruction_scorer(runner)` runs once after the model loads (before
-its first, possibly compiled, forward) when the method is kvzip or kvzip-plus.
+its first, possibly compiled, forward) when the method is kvzip or kvzip-plus;
+`build_observation_scorer(runner)` likewise for snapkv, whose observation pass
+(`vllm_kvzip.backend.observation`) is the same kind of forward over the last
+prompt tokens at their own positions.
 It builds the repeat prompt from the served model's tokenizer and chat
 template, installs KVzip+'s attention-input hooks, and hands the scorer a
 forward function that runs
@@ -20,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from vllm_kvzip.backend.observation import ObservationScorer
 from vllm_kvzip.backend.reconstruction import (
     ReconstructionMetadata,
     ReconstructionScorer,
@@ -86,6 +90,18 @@ def build_reconstruction_scorer(runner, config, layer_names: Sequence[str]) -> R
     )
 
 
+def build_observation_scorer(runner, config, layer_names: Sequence[str]) -> ObservationScorer:
+    """SnapKV's observation pass (`vllm_kvzip.backend.observation`) through the runner's model."""
+    vllm_config = runner.vllm_config
+    return ObservationScorer(
+        window=config.snapkv_window,
+        kernel_size=config.snapkv_kernel,
+        forward=model_forward(runner, layer_names),
+        num_kv_heads=vllm_config.model_config.get_num_kv_heads(vllm_config.parallel_config),
+        device=torch.device(runner.device),
+    )
+
+
 def model_forward(runner, layer_names: Sequence[str]):
     """forward(input_ids, start_position, metadata): one eager forward of vLLM's model, no KV writes."""
     from vllm.config import CUDAGraphMode
@@ -98,8 +114,8 @@ def model_forward(runner, layer_names: Sequence[str]):
         num_tokens = len(input_ids)
         if not 1 <= num_tokens <= max_tokens:
             raise ValueError(
-                f"vllm-kvzip: a reconstruction input of {num_tokens} tokens exceeds --max-num-batched-tokens "
-                f"{max_tokens}; lower --kv-compression-chunk-size"
+                f"vllm-kvzip: a scoring forward of {num_tokens} tokens exceeds --max-num-batched-tokens "
+                f"{max_tokens}; lower --kv-compression-chunk-size (KVzip) or --kv-compression-snapkv-window (SnapKV)"
             )
         device = runner.device
         ids = torch.tensor(list(input_ids), dtype=torch.int32, device=device)

@@ -16,8 +16,9 @@ compression state exists, i.e. when compression is off):
   next forward pass.
 * `load_model` / `initialize_kv_cache`: KVzap's surrogate hooks on the loaded
   model, and its score caches next to the KV caches; for KVzip / KVzip+ the
-  reconstruction pass (`vllm_kvzip.adapter.reconstruction_pass`), which the
-  compressor runs before it chooses what to keep.
+  reconstruction pass and for SnapKV the observation pass
+  (`vllm_kvzip.adapter.reconstruction_pass`), which the compressor runs
+  before it chooses what to keep.
 
 vLLM 0.26 also has a second model runner (MRV2, `vllm.v1.worker.gpu`); with
 compression on the engine hook selects the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0),
@@ -157,14 +158,23 @@ def install_kvzap_hooks(runner) -> None:
 
 
 def install_reconstruction_pass(runner) -> None:
+    """The scoring pass of KVzip / KVzip+ (`_vllm_kvzip_reconstruction`) or SnapKV (`_vllm_kvzip_observation`)."""
     from vllm_kvzip.adapter.engine import kv_compression_config
 
     config = kv_compression_config(runner.vllm_config)
-    if not config.is_reconstruction:
-        return
-    from vllm_kvzip.adapter.reconstruction_pass import build_reconstruction_scorer
+    if config.is_reconstruction:
+        from vllm_kvzip.adapter.reconstruction_pass import build_reconstruction_scorer
 
-    runner._vllm_kvzip_reconstruction = build_reconstruction_scorer(runner, config, attention_layer_names(runner))
+        runner._vllm_kvzip_reconstruction = build_reconstruction_scorer(runner, config, attention_layer_names(runner))
+    elif config.is_observation:
+        from vllm_kvzip.adapter.reconstruction_pass import build_observation_scorer
+
+        runner._vllm_kvzip_observation = build_observation_scorer(runner, config, attention_layer_names(runner))
+
+
+def scoring_pass(runner):
+    """The worker's post-prefill scoring pass (KVzip's reconstruction, SnapKV's observation) or None."""
+    return getattr(runner, "_vllm_kvzip_reconstruction", None) or getattr(runner, "_vllm_kvzip_observation", None)
 
 
 def request_token_ids(request) -> list[int]:
@@ -179,7 +189,7 @@ def run_pending_compressions(runner, state, skip=()) -> None:
 
     pending, state.pending = state.pending, {}
     kv_caches = attention_kv_caches(runner, state.layer_names)
-    reconstruction = getattr(runner, "_vllm_kvzip_reconstruction", None)
+    reconstruction = scoring_pass(runner)
     for request_id, num_tokens in pending.items():
         request = runner.requests.get(request_id)
         if request is None or request_id in skip:

@@ -54,9 +54,10 @@ def compress_request(
 ) -> CompressionGeometry | None:
     """Compress `request_id` (its prefill of `num_tokens` tokens is in the cache).
 
-    KVzip / KVzip+ need the request's `token_ids` and the worker's
-    `reconstruction` scorer (`vllm_kvzip.backend.reconstruction.ReconstructionScorer`),
-    which runs the reconstruction pass over the request's still-dense blocks.
+    KVzip / KVzip+ / SnapKV need the request's `token_ids` and the worker's
+    scoring pass as `reconstruction` (`vllm_kvzip.backend.reconstruction.ReconstructionScorer`,
+    `vllm_kvzip.backend.observation.ObservationScorer`), which runs over the
+    request's still-dense blocks.
     """
     entry = state.requests.get(request_id)
     if entry is None or entry.compressed:
@@ -76,9 +77,9 @@ def compress_request(
     scoring_seconds = 0.0
     if state.config.is_kvzap:
         recorded = _recorded_kvzap_scores(state, positions, block_table)
-    elif state.config.is_reconstruction:
+    elif state.config.has_scoring_pass:
         if reconstruction is None or token_ids is None:
-            raise RuntimeError(f"vllm-kvzip: --kv-compression {state.config.method} needs the reconstruction pass")
+            raise RuntimeError(f"vllm-kvzip: --kv-compression {state.config.method} needs its scoring pass")
         scoring_started = time.perf_counter()
         recorded = reconstruction.score(token_ids, num_tokens, block_ids, evictable, state.layer_names)
         scoring_seconds = time.perf_counter() - scoring_started

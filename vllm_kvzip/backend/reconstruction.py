@@ -76,6 +76,14 @@ class ReconstructionMetadata:
     hidden_norms: dict[str, Tensor] = field(default_factory=dict)
     layers_done: set[str] = field(default_factory=set)
 
+    def score_layer(
+        self, layer_name: str, queries: Tensor, keys: Tensor, context_keys: Tensor, context_values: Tensor, scale: float
+    ) -> None:
+        """Score one layer into `scores`: queries [H, G, q, d] and keys [H, q, d] of the pass's own
+        tokens, context_keys / context_values [H, context_len, d] from the cache.  Subclasses score
+        other ways (SnapKV's observation pass, `vllm_kvzip.backend.observation`)."""
+        score_kvzip_chunk(self, layer_name, queries, keys, context_keys, context_values, scale)
+
 
 def gather_context_kv(kv_cache: Tensor, block_ids: Tensor, length: int) -> tuple[Tensor, Tensor]:
     """Keys and values [H, length, d] of positions [0, length) from vLLM's dense paged layout.
@@ -83,8 +91,9 @@ def gather_context_kv(kv_cache: Tensor, block_ids: Tensor, length: int) -> tuple
     kv_cache: [num_blocks, H, block_size, 2 * d] (the plugin's HND layout, `[K | V]` per row).
     """
     num_kv_heads, block_size, width = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3]
-    blocks = block_ids[: cdiv(length, block_size)].to(device=kv_cache.device, dtype=torch.int64)
-    rows = kv_cache.index_select(0, blocks).transpose(0, 1).reshape(num_kv_heads, -1, width)[:, :length]
+    num_blocks = cdiv(length, block_size)
+    blocks = block_ids[:num_blocks].to(device=kv_cache.device, dtype=torch.int64)
+    rows = kv_cache.index_select(0, blocks).transpose(0, 1).reshape(num_kv_heads, num_blocks * block_size, width)[:, :length]
     head_size = width // 2
     return rows[..., :head_size], rows[..., head_size:]
 
@@ -194,7 +203,8 @@ def reconstruction_attention(
     scale: float,
     output: Tensor,
 ) -> Tensor:
-    """One layer of a reconstruction forward: write the attention output, score the chunk."""
+    """One layer of a scoring forward: write the attention output, then `metadata.score_layer`
+    (KVzip: score the chunk; SnapKV's observation pass: score the prompt)."""
     num_tokens = metadata.num_tokens
     query, key, value = query[:num_tokens], key[:num_tokens], value[:num_tokens]
     num_kv_heads = kv_cache.shape[1]
@@ -203,6 +213,22 @@ def reconstruction_attention(
     attended = repeat_attention(query, context_keys, context_values, key, value, scale)
     output[:num_tokens] = attended.reshape(output[:num_tokens].shape).to(output.dtype)
 
+    grouped = query.transpose(0, 1).reshape(num_kv_heads, num_heads // num_kv_heads, num_tokens, head_size)
+    metadata.score_layer(layer_name, grouped, key.transpose(0, 1), context_keys, context_values, scale)
+    metadata.layers_done.add(layer_name)
+    return output
+
+
+def score_kvzip_chunk(
+    metadata: ReconstructionMetadata,
+    layer_name: str,
+    grouped: Tensor,
+    repeat_keys: Tensor,
+    context_keys: Tensor,
+    context_values: Tensor,
+    scale: float,
+) -> None:
+    """KVzip / KVzip+ scores of the pass's chunk in one layer, into `metadata.scores`."""
     layer = metadata.layer_index[layer_name]
     start, end = metadata.span
     plus = None
@@ -216,17 +242,14 @@ def reconstruction_attention(
             hidden_norms=hidden_norms,
             o_proj_gram=metadata.o_proj_grams[layer_name],
         )
-    grouped = query.transpose(0, 1).reshape(num_kv_heads, num_heads // num_kv_heads, num_tokens, head_size)
     metadata.scores[layer, :, start:end] = kvzip_chunk_scores(
         grouped,
         context_keys[:, metadata.sink[0] : metadata.sink[1]],
         context_keys[:, start:end],
-        key.transpose(0, 1),
+        repeat_keys,
         scaling=scale,
         plus=plus,
     )
-    metadata.layers_done.add(layer_name)
-    return output
 
 
 # The model forward a reconstruction pass runs: (input_ids, first position, metadata) -> None.

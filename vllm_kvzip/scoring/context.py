@@ -3,7 +3,8 @@
 The vLLM worker (`vllm_kvzip.backend.compressor`) and its transformers oracle
 (`vllm_kvzip.scoring.vllm_reference`) both call `context_scores`, so the two
 can only differ in the tensors they feed in (KVzap log-scores recorded during
-the prefill, KVzip / KVzip+ reconstruction scores, or saved head scores),
+the prefill, KVzip / KVzip+ reconstruction scores, SnapKV observation-window
+scores, or saved head scores),
 never in how those become scores.
 """
 
@@ -16,7 +17,9 @@ from vllm_kvzip.config import KVCompressionConfig
 from vllm_kvzip.scoring.functional import random_scores, streaming_scores
 
 # Methods the vLLM path runs today (vllm_kvzip.adapter.engine refuses the others).
-CONTEXT_METHODS = ("streaming", "random", "head", "kvzap-linear", "kvzap-mlp", "kvzip", "kvzip-plus")
+CONTEXT_METHODS = ("streaming", "random", "head", "kvzap-linear", "kvzap-mlp", "kvzip", "kvzip-plus", "snapkv")
+# Methods whose scores come from outside (`recorded_scores`).
+RECORDED_METHODS = ("kvzap-linear", "kvzap-mlp", "kvzip", "kvzip-plus", "snapkv")
 
 
 def context_scores(
@@ -32,7 +35,8 @@ def context_scores(
 
     head_scores: [L, H] for method "head"; recorded_scores: [L, H, n] KVzap
     log-scores for kvzap-linear / kvzap-mlp, reconstruction scores for kvzip /
-    kvzip-plus (`vllm_kvzip.backend.reconstruction`).
+    kvzip-plus (`vllm_kvzip.backend.reconstruction`), observation-window scores
+    for snapkv (`vllm_kvzip.backend.observation`).
     """
     method = config.method
     if method == "streaming":
@@ -45,9 +49,11 @@ def context_scores(
         if head_scores is None:
             raise ValueError("method 'head' needs head_scores")
         return head_scores.float().to(positions.device)[:, :, None].expand(-1, -1, positions.numel())
-    if method in ("kvzap-linear", "kvzap-mlp", "kvzip", "kvzip-plus"):
+    if method in RECORDED_METHODS:
         if recorded_scores is None:
-            source = "KVzap scores recorded during the prefill" if method.startswith("kvzap") else "reconstruction scores"
+            source = {"kvzap": "KVzap scores recorded during the prefill", "kvzip": "reconstruction scores"}.get(
+                method.split("-")[0], "observation-window scores"
+            )
             raise ValueError(f"method {method!r} needs the {source}")
         if recorded_scores.shape[-1] != positions.numel():
             raise ValueError(f"{recorded_scores.shape[-1]} recorded scores for {positions.numel()} positions")

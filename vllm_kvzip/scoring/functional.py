@@ -130,33 +130,49 @@ def snapkv_scores(
     *,
     scaling: float,
     kernel_size: int = 5,
+    max_elements: int = 2**24,
 ) -> Tensor:
     """SnapKV scores of every key from an observation window: [H, T] (float32).
 
     window_queries: [H, G, w, d] queries of the last w tokens of the prompt, which
     are also the last w of the T keys (causal among themselves).  As kvpress's
     SnapKVPress: softmax over all keys, mean over the window queries, 1-D average
-    pooling (kernel 5) along the keys, mean over the GQA group; the window's own
-    keys get the maximum score (they are the observation).
+    pooling (`kernel_size`, zero padding kernel_size // 2, padding counted) along
+    the keys before the window, mean over the GQA group; the window's own keys get
+    the maximum score of their head (they are the observation).
+
+    Deviation: kvpress gives the window the maximum over all heads of the layer;
+    per head it is the same keep-set under every per-head budget, and the window
+    is usually inside the always-kept dense tail anyway.
+    Memory is O(G w T) per KV head; KV heads are batched only while their logits
+    stay under `max_elements`.
     """
     num_kv_heads, group_size, window, _ = window_queries.shape
     total = keys.shape[1]
     if window > total:
         raise ValueError(f"observation window of {window} tokens is longer than the {total} keys")
-    logits = torch.einsum("hgwd,htd->hgwt", window_queries.float(), keys.float()) * scaling
+    context = total - window
     causal = torch.ones(window, window, dtype=torch.bool, device=keys.device).tril()
-    logits[..., total - window :].masked_fill_(~causal, float("-inf"))
-    weights = logits.softmax(dim=-1)[..., : total - window].mean(dim=2)  # [H, G, T - w]
-    if total - window > 0:
-        pooled = F.avg_pool1d(
-            weights.reshape(num_kv_heads * group_size, 1, -1), kernel_size, stride=1, padding=kernel_size // 2
-        ).reshape(num_kv_heads, group_size, -1)[..., : total - window]
-        context_scores = pooled.mean(dim=1)
-        window_score = context_scores.amax(dim=-1, keepdim=True)
-    else:
-        context_scores = weights.new_zeros(num_kv_heads, 0)
-        window_score = weights.new_ones(num_kv_heads, 1)
-    return torch.cat([context_scores, window_score.expand(num_kv_heads, window)], dim=-1)
+    scores = torch.empty(num_kv_heads, total, dtype=torch.float32, device=keys.device)
+    step = max(1, min(num_kv_heads, max_elements // max(1, group_size * window * total)))
+    for first in range(0, num_kv_heads, step):
+        heads = slice(first, min(first + step, num_kv_heads))
+        count = heads.stop - heads.start
+        logits = torch.einsum("hgwd,htd->hgwt", window_queries[heads].float(), keys[heads].float()) * scaling
+        logits[..., context:].masked_fill_(~causal, float("-inf"))
+        weights = logits.softmax(dim=-1)[..., :context].mean(dim=2)  # [h, G, T - w]
+        if context > 0:
+            pooled = F.avg_pool1d(
+                weights.reshape(count * group_size, 1, -1), kernel_size, stride=1, padding=kernel_size // 2
+            ).reshape(count, group_size, -1)[..., :context]
+            context_scores = pooled.mean(dim=1)
+            window_score = context_scores.amax(dim=-1, keepdim=True)
+        else:
+            context_scores = weights.new_zeros(count, 0)
+            window_score = weights.new_ones(count, 1)
+        scores[heads, :context] = context_scores
+        scores[heads, context:] = window_score
+    return scores
 
 
 def streaming_scores(positions: Tensor, num_kv_heads: int, sink_tokens: int) -> Tensor:

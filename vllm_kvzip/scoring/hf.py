@@ -51,7 +51,8 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_INSTRUCTION = "Given the context, answer to the following question or request without explanation.\n\n"
 CAPTURE_IMPLEMENTATION = "vllm_kvzip_capture"
 RAGGED_IMPLEMENTATION = "vllm_kvzip_ragged"
-# SnapKV's observation window must fit in the last prefill step.
+# SnapKV's observation window must fit in the last prefill step (at least this many tokens,
+# more with a larger KVCompressionConfig.snapkv_window).
 _MIN_LAST_PREFILL_STEP = 64
 _PLACEHOLDER = "\u2063KVZIP_CONTEXT\u2063"
 
@@ -480,7 +481,8 @@ class KVzipModel:
         cache = DynamicCache(config=self.model.config)
 
         by_kind = {kind: {m: s for m, s in scorers.items() if s.pass_kind == kind} for kind in ("prefill", "prefill_end", "reconstruction")}
-        steps = _prefill_steps(total, config.chunk_size, _MIN_LAST_PREFILL_STEP)
+        min_last = max(_MIN_LAST_PREFILL_STEP, config.snapkv_window if by_kind["prefill_end"] else 0)
+        steps = _prefill_steps(total, config.chunk_size, min_last)
         for step_start, step_end in steps:
             is_last = step_end == total
             targets: list[tuple[dict[str, Scorer], tuple[int, int]]] = []

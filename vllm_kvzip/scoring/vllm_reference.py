@@ -13,6 +13,10 @@ KVzip / KVzip+ score with the scoring library's own scorers: one
 reconstruction forward per chunk (`prompt_reconstruction_chunks`, the plan the
 vLLM worker follows) through the transformers model, captured layer by layer,
 its repeat tokens cropped off the cache again (`reconstruction_scores`).
+SnapKV scores with the library's SnapKV scorer on the queries and keys of the
+prompt's own (single, full) prefill: the observation window is the last
+`snapkv_window` prompt tokens, the scored columns the whole prompt, of which
+the evictable ones are kept (the vLLM worker re-runs only the window instead).
 """
 
 from __future__ import annotations
@@ -75,9 +79,15 @@ def generate_like_vllm(
     device = next(model.parameters()).device
     num_tokens = len(prompt_ids)
     hidden: dict[int, Tensor] = {}
+    # SnapKV: scores of every prompt position from the prefill's last queries, by layer.
+    snapkv = build_scorer(config.method, config, ModelShape.from_config(model.config)) if config.is_observation else None
+    observed: dict[int, Tensor] = {}
 
     def on_layer(layer_idx, module, queries, keys, values, hidden_states, scaling):
         hidden[layer_idx] = hidden_states
+        if snapkv is not None:
+            inputs = layer_inputs(layer_idx, module, queries, keys, values, hidden_states, scaling, (0, num_tokens))
+            observed[layer_idx] = snapkv.score(inputs)
 
     cache = DynamicCache(config=model.config)
     ids = torch.tensor([list(prompt_ids)], device=device)
@@ -120,6 +130,8 @@ def generate_like_vllm(
             if repeat_prompt is None:
                 raise ValueError(f"method {config.method!r} needs the repeat prompt")
             recorded = reconstruction_scores(model, cache, prompt_ids, evictable, config, repeat_prompt)
+        elif config.is_observation:
+            recorded = torch.stack([observed[layer][:, :evictable] for layer in range(num_layers)])
         scores = context_scores(
             config, positions, num_layers, num_kv_heads, head_scores=head_scores, recorded_scores=recorded
         )

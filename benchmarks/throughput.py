@@ -10,6 +10,7 @@ between), and the parent prints and writes the comparison:
     python benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN kvzap-mlp
     python benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN kvzip \
         --tokenizer-from ~/.cache/vllm_kvzip/models/SmolLM2-135M-Instruct   # KVzip needs a chat template
+    python benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN snapkv
 
 Per point: wall time, output tokens/s, `speedup` = output tokens/s divided by
 FLASH_ATTN's in the same run, the maximum concurrency vLLM reports for the
@@ -74,7 +75,8 @@ METHODS = ("FLASH_ATTN", "TRITON_ATTN", "kvzap-mlp", "streaming", "kvzap-thresho
 # Also runnable (--methods): KVzip's reconstruction pass needs a tokenizer with a chat
 # template (--tokenizer-from, e.g. the embedded SmolLM2 folder).
 RECONSTRUCTION_METHODS = ("kvzip", "kvzip-plus")
-CHOICES = METHODS + RECONSTRUCTION_METHODS
+# Also runnable: SnapKV's observation pass (one extra forward of its 64-token window; no tokenizer needed).
+CHOICES = METHODS + RECONSTRUCTION_METHODS + ("snapkv",)
 KEEP_RATIO = 0.25
 # Log-score threshold of the threshold-mode methods.  The surrogate's weights are random here,
 # so the kept fraction is measured and reported, not assumed.
@@ -181,7 +183,7 @@ def run_point(args: argparse.Namespace) -> dict:
         "kv_cache_blocks": num_blocks,
         "block_size": block_size,
         "max_concurrency_uncompressed": max_concurrency,
-        "keep_ratio": KEEP_RATIO if args.method in ("kvzap-mlp", "streaming", *RECONSTRUCTION_METHODS) else None,
+        "keep_ratio": KEEP_RATIO if args.method in ("kvzap-mlp", "streaming", "snapkv", *RECONSTRUCTION_METHODS) else None,
         "threshold": args.threshold if args.method in ("kvzap-threshold", "kvzap-dms") else None,
         "compression_stats": compression_stats,
     }

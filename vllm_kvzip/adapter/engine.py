@@ -157,6 +157,8 @@ def validate_engine_config(vllm_config: Any, config: KVCompressionConfig) -> Non
         _check_observation(config, vllm_config)
 
     mode = f"threshold {config.threshold}" if config.threshold_mode else f"keep ratio {config.effective_keep_ratio}"
+    if config.is_observation:
+        mode += f", observation window {config.snapkv_window}, pooling kernel {config.snapkv_kernel}"
     logger.info(
         "vllm-kvzip: KV compression %s (%s, window %d, sinks %d) on %s",
         config.method,

@@ -95,7 +95,7 @@ def layer_keep_count(
     """Tokens one layer keeps over its `num_heads` heads with `keep_by_ratio` (protected included).
 
     Known before scoring for every policy but "global" (whose split between
-    layers depends on the scores): the scheduler counts kept tokens with it.
+    layers depends on the scores); `total_keep_count` builds on it.
     """
     if policy not in POLICY_NAMES:
         raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICY_NAMES)}")

@@ -19,9 +19,12 @@ from vllm_kvzip.scoring.policies import POLICY_NAMES, keep_by_ratio
 
 
 def _apply(kv_cache, plan):
-    rows = kv_cache.view(-1, kv_cache.shape[-1])
-    moved = rows[plan.src_slots].clone()  # gather every layer's rows first: sources and destinations overlap
-    rows[plan.dst_slots] = moved
+    """The compaction as the worker runs it: staged moves through scratch, the others copied directly."""
+    from vllm_kvzip.backend.ops import compact_kv_ref
+
+    # The direct moves' sources are never written by the compaction (else they would need staging).
+    assert not set(plan.src_slots[plan.num_staged :].tolist()) & set(plan.dst_slots.tolist())
+    compact_kv_ref(kv_cache, plan.src_slots, plan.dst_slots, num_staged=plan.num_staged)
 
 
 def _pair_tokens(kv_cache, kept_len, page_start, layer, head, container_block_ids, num_layers, block_size):

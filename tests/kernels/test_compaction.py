@@ -136,10 +136,14 @@ def test_all_layers_compaction_with_cross_layer_overlap(seed: int) -> None:
     cache = cache.to(dtype=torch.float16, device=DEVICE)
     original = cache.clone()
     expected = expected_after_move(original, plan.src_slots, plan.dst_slots)
-    compact_kv(cache, plan.src_slots.to(DEVICE), plan.dst_slots.to(DEVICE), use_triton=True)
+    # Only the kept rows already inside the containers go through scratch; the rest is copied directly.
+    assert 0 < plan.num_staged < plan.src_slots.numel()
+    scratch = torch.empty(plan.num_staged, 2 * head_size, dtype=cache.dtype, device=DEVICE)
+    compact_kv(cache, plan.src_slots.to(DEVICE), plan.dst_slots.to(DEVICE), use_triton=True, scratch=scratch,
+               num_staged=plan.num_staged)
     assert torch.equal(cache, expected)
     reference = original.clone()
-    compact_kv_ref(reference, plan.src_slots.to(DEVICE), plan.dst_slots.to(DEVICE))
+    compact_kv_ref(reference, plan.src_slots.to(DEVICE), plan.dst_slots.to(DEVICE), num_staged=plan.num_staged)
     assert torch.equal(reference, expected)
 
     # Every (layer, head) reads back its kept tokens in order through the page layout.
@@ -155,9 +159,33 @@ def test_all_layers_compaction_with_cross_layer_overlap(seed: int) -> None:
             dense = ((layer * blocks_per_layer + physical.long()[positions // block_size]) * num_kv_heads + head) * block_size
             assert torch.equal(rows[slots.to(DEVICE)], original_rows[(dense + positions % block_size).to(DEVICE)])
 
+    # The direct moves read rows no move writes (the precondition that makes them safe).
+    assert not set(plan.src_slots[plan.num_staged :].tolist()) & set(plan.dst_slots.tolist())
+    assert set(plan.src_slots[: plan.num_staged].tolist()) & set(plan.dst_slots.tolist())
     # Layer by layer (gather and scatter each layer's moves before the next) loses tokens here.
     per_layer = original.clone()
     for layer in range(num_layers):
         mine = src_layer == layer
         compact_kv_ref(per_layer, plan.src_slots[mine].to(DEVICE), plan.dst_slots[mine].to(DEVICE))
     assert not torch.equal(per_layer, expected)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(data=st.data(), num_moves=st.integers(min_value=1, max_value=NUM_SLOTS // 2), dtype=st.sampled_from([torch.float16, torch.float32]))
+def test_staged_and_direct_moves_property(data, num_moves: int, dtype: torch.dtype) -> None:
+    """Staged moves overlap freely; direct moves read rows no move writes: Triton == reference == plain."""
+    slots = data.draw(st.permutations(range(NUM_SLOTS)))
+    dst = slots[:num_moves]
+    num_staged = data.draw(st.integers(0, num_moves))
+    # Staged sources anywhere (destinations included); direct sources outside every destination.
+    staged_src = data.draw(st.permutations(range(NUM_SLOTS)))[:num_staged]
+    direct_src = slots[num_moves : num_moves + (num_moves - num_staged)]
+    src_t = torch.tensor(staged_src + direct_src, dtype=torch.int64, device=DEVICE)
+    dst_t = torch.tensor(dst, dtype=torch.int64, device=DEVICE)
+    cache = random_cache(64, dtype, seed=num_moves)
+    expected = expected_after_move(cache, src_t, dst_t)
+    reference = cache.clone()
+    compact_kv_ref(reference, src_t, dst_t, num_staged=num_staged)
+    assert torch.equal(reference, expected)
+    compact_kv(cache, src_t, dst_t, use_triton=True, num_staged=num_staged)
+    assert torch.equal(cache, expected)

@@ -109,8 +109,8 @@ def compress_request(
     plan = plan_request_compaction(
         keep, block_table, geometry.container_blocks, state.block_size, state.num_blocks_per_layer
     )
-    # Pages cross layers: every layer's kept rows are gathered before any is written.
-    compact_kv(_whole_kv_cache(state), plan.src_slots, plan.dst_slots)
+    # Pages cross layers: every kept row inside the containers (of any layer) is gathered before any is written.
+    compact_kv(_whole_kv_cache(state), plan.src_slots, plan.dst_slots, num_staged=plan.num_staged)
     slot = state.table.acquire()
     state.table.kept_len[slot] = plan.kept_len
     state.table.page_start[slot] = plan.page_start
@@ -180,7 +180,7 @@ def retire_dense_blocks(
     freed = (end_block - first_block) - plan.new_container_blocks
     if freed <= 0:
         return 0  # everything would stay: keep the blocks dense, try again with a longer tail
-    compact_kv(_whole_kv_cache(state), plan.src_slots, plan.dst_slots)
+    compact_kv(_whole_kv_cache(state), plan.src_slots, plan.dst_slots, num_staged=plan.num_staged)
     if state.recorded_keep_sets is not None:
         previous = state.recorded_keep_sets.get(request_id)
         if previous is None or previous.shape[-1] != first_block * bs:

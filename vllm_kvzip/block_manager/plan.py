@@ -67,6 +67,21 @@ def page_flat_slots(
     return (blocks * num_kv_heads + pages % num_kv_heads) * block_size + offsets
 
 
+def stage_overwritten_sources(
+    src: torch.Tensor, dst: torch.Tensor, containers: torch.Tensor, num_kv_heads: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Moves whose source lies in a container (flat blocks `containers`) first, and their count.
+
+    Every destination is in a container, so only those sources can be
+    overwritten before they are read: they go through the compaction's scratch
+    (`compact_kv(num_staged=...)`); the others are copied directly, which keeps
+    the scratch to the kept rows already inside the containers.
+    """
+    in_container = torch.isin(src // (num_kv_heads * block_size), containers.to(src.device))
+    order = torch.argsort((~in_container).to(torch.int8), stable=True)
+    return src[order], dst[order], int(in_container.sum())
+
+
 def total_head_pages(kept_len: torch.Tensor, block_size: int) -> int:
     return int(pages_per_head(kept_len.to(torch.int64), block_size).sum())
 
@@ -87,8 +102,9 @@ class RequestCompactionPlan:
 
     kept_len: torch.Tensor  # [num_layers, num_kv_heads] int32
     page_start: torch.Tensor  # [num_layers, num_kv_heads] int32, global page index
-    src_slots: torch.Tensor  # [num_moves] int64 flat slots
+    src_slots: torch.Tensor  # [num_moves] int64 flat slots, the staged moves first
     dst_slots: torch.Tensor  # [num_moves] int64 flat slots
+    num_staged: int  # moves whose source is in a container: read before any write (scratch)
 
 
 def plan_request_compaction(
@@ -104,7 +120,8 @@ def plan_request_compaction(
     blocks_per_layer: NB, the number of blocks of one layer's cache.
     Kept tokens stay in position order inside each pair.  Sources and
     destinations overlap (the containers are the request's first blocks), so
-    the moves must be applied gather-then-scatter.  One host synchronisation.
+    the first `num_staged` moves (sources inside the containers) must be
+    applied gather-then-scatter; the others read blocks no move writes.
     """
     num_layers, num_kv_heads, evictable = keep.shape
     if evictable % block_size:
@@ -121,8 +138,9 @@ def plan_request_compaction(
     containers = container_flat_blocks(block_ids[:num_container_blocks], num_layers, blocks_per_layer)
     linear_pages = page_start.to(torch.int64)[layers, heads] + rank // block_size
     dst = page_flat_slots(linear_pages, (rank % block_size).to(torch.int64), containers, num_kv_heads, block_size)
+    src, dst, num_staged = stage_overwritten_sources(src, dst, containers, num_kv_heads, block_size)
     return RequestCompactionPlan(
-        kept_len=kept_len, page_start=page_start.to(torch.int32), src_slots=src, dst_slots=dst
+        kept_len=kept_len, page_start=page_start.to(torch.int32), src_slots=src, dst_slots=dst, num_staged=num_staged
     )
 
 
@@ -156,14 +174,15 @@ class RetirementPlan:
     The request's kept tokens so far stay kept; of the retired blocks'
     tokens, those in `keep` join them.  Every (layer, head) is re-packed from
     page 0 into the container blocks (the old ones, then the first blocks of
-    the retired range), across layers, so the moves overlap and must be
-    applied gather-then-scatter on the flat cache.
+    the retired range), across layers, so the moves overlap: the staged ones
+    (sources in a container) are applied gather-then-scatter on the flat cache.
     """
 
     kept_len: torch.Tensor  # [L, H] int32, after the retirement
     page_start: torch.Tensor  # [L, H] int32, global page index
-    src_slots: torch.Tensor  # [num_moves] int64 flat slots
+    src_slots: torch.Tensor  # [num_moves] int64 flat slots, the staged moves first
     dst_slots: torch.Tensor
+    num_staged: int  # moves whose source is in a container (old or new): read before any write
     num_container_blocks: int  # container blocks after the retirement
     new_container_blocks: int  # how many of them are taken from the start of the retired range
 
@@ -214,11 +233,13 @@ def plan_retirement(
     src = torch.cat([old_src, src])
     dst_pages = new_page_start[layers, heads] + ranks // block_size
     dst = page_flat_slots(dst_pages, ranks % block_size, all_containers, num_kv_heads, block_size)
+    src, dst, num_staged = stage_overwritten_sources(src, dst, all_containers, num_kv_heads, block_size)
     return RetirementPlan(
         kept_len=new_kept.to(torch.int32),
         page_start=new_page_start.to(torch.int32),
         src_slots=src,
         dst_slots=dst,
+        num_staged=num_staged,
         num_container_blocks=num_blocks,
         new_container_blocks=new_blocks,
     )

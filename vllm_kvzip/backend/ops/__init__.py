@@ -101,11 +101,14 @@ def compact_kv(
     dst_slots: torch.Tensor,
     use_triton: bool | None = None,
     scratch: torch.Tensor | None = None,
+    num_staged: int | None = None,
 ) -> torch.Tensor:
     """Move flat token rows ``src_slots[i] -> dst_slots[i]`` in place (overlaps allowed).
 
-    Every source is read before any destination is written, so one call may
-    move rows across layers of the whole cache ``[L * NB, H, bs, 2D]``.
+    The sources of the first ``num_staged`` moves (default: all) are read
+    before any destination is written, so one call may move rows across layers
+    of the whole cache ``[L * NB, H, bs, 2D]``; the other moves' sources must
+    not be destinations (they are copied directly, without scratch memory).
 
     Triton when ``use_triton`` (default: ``kv_cache.is_cuda``), else the torch
     reference.  Returns ``kv_cache``.
@@ -113,7 +116,7 @@ def compact_kv(
     if use_triton is None:
         use_triton = kv_cache.is_cuda
     if not use_triton:
-        return compact_kv_ref(kv_cache, src_slots, dst_slots)
+        return compact_kv_ref(kv_cache, src_slots, dst_slots, num_staged)
     from vllm_kvzip.backend.ops.compaction import compact_kv as triton_compact
 
-    return triton_compact(kv_cache, src_slots, dst_slots, scratch=scratch)
+    return triton_compact(kv_cache, src_slots, dst_slots, scratch=scratch, num_staged=num_staged)

@@ -395,20 +395,33 @@ def _online_softmax_step(
     return new_max, running_sum, acc
 
 
-def compact_kv_ref(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> torch.Tensor:
+def compact_kv_ref(
+    kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor, num_staged: int | None = None
+) -> torch.Tensor:
     """Move token rows ``src_slots[i] -> dst_slots[i]`` of the flat cache, in place.
 
-    Every source is read before any destination is written (gather, then
-    scatter), so sources and destinations may overlap, as in an in-place
-    compaction.  ``dst_slots`` must not repeat (a repeated destination gets
-    an unspecified one of its sources).  Rows not named in ``dst_slots`` are
-    left unchanged.  Returns ``kv_cache``.
+    The first ``num_staged`` moves (all of them when None) are staged: their
+    sources are all read before any destination is written (gather, then
+    scatter), so they may overlap the destinations, as in an in-place
+    compaction.  The other moves copy directly; their sources must not be
+    destinations of any move (a compaction reads them from blocks it does not
+    write, so they need no staging memory).  ``dst_slots`` must not repeat (a
+    repeated destination gets an unspecified one of its sources).  Rows not
+    named in ``dst_slots`` are left unchanged.  Returns ``kv_cache``.
     """
     if src_slots.shape != dst_slots.shape or src_slots.dim() != 1:
         raise ValueError(f"src_slots {tuple(src_slots.shape)} and dst_slots {tuple(dst_slots.shape)} must be equal 1-D shapes")
+    num_moves = src_slots.numel()
+    num_staged = num_moves if num_staged is None else num_staged
+    if not 0 <= num_staged <= num_moves:
+        raise ValueError(f"num_staged {num_staged} is outside 0..{num_moves}")
     kv_rows = flat_kv_rows(kv_cache)
-    if src_slots.numel() == 0:
+    if num_moves == 0:
         return kv_cache
-    moved = kv_rows.index_select(0, src_slots.to(device=kv_rows.device, dtype=torch.int64))
-    kv_rows.index_copy_(0, dst_slots.to(device=kv_rows.device, dtype=torch.int64), moved)
+    src = src_slots.to(device=kv_rows.device, dtype=torch.int64)
+    dst = dst_slots.to(device=kv_rows.device, dtype=torch.int64)
+    staged = kv_rows.index_select(0, src[:num_staged])
+    if num_staged < num_moves:
+        kv_rows.index_copy_(0, dst[num_staged:], kv_rows.index_select(0, src[num_staged:]))
+    kv_rows.index_copy_(0, dst[:num_staged], staged)
     return kv_cache

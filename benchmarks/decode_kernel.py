@@ -261,6 +261,7 @@ def ragged_call(query, kv_cache, layout: Layout, out, scale, workspace, use_trit
         ragged_decode_attention(
             query, kv_cache, layout.block_table, layout.seq_lens, layout.dense_start, layout.kept_len,
             layout.page_start, scale, out=out, workspace=workspace, use_triton=use_triton,
+            layer=0, num_layers=1,  # one layer's pool: the cross-layer address math with L = 1
         )
 
     return call

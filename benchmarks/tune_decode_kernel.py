@@ -96,6 +96,7 @@ def main() -> None:
                 ragged_decode_attention(
                     query, pool, layout.block_table, layout.seq_lens, layout.dense_start, layout.kept_len,
                     layout.page_start, scale, out, workspace, num_warps=warps or None, num_stages=stages or None,
+                    layer=0, num_layers=1,  # one layer's pool: the cross-layer address math with L = 1
                 )
 
             try:

@@ -28,7 +28,8 @@ def build_scheduler(
     import vllm_kvzip
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+    from vllm.v1.core.kv_cache_utils import create_kv_cache_group_specs
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheTensor
     from vllm.v1.structured_output import StructuredOutputManager
 
     from vllm_kvzip.adapter.engine import kv_compression_config
@@ -53,10 +54,13 @@ def build_scheduler(
     if config.enabled:
         spec = KVzipAttentionSpec.from_full_attention(spec, config)
     layer_names = [f"layers.{i}.self_attn" for i in range(NUM_LAYERS)]
+    # One group of every layer, its spec merged by vLLM's own code (the merged
+    # KVzipAttentionSpec counts the layers: head pages are packed across them).
+    groups = create_kv_cache_group_specs({name: spec for name in layer_names}, [layer_names])
     kv_cache_config = KVCacheConfig(
         num_blocks=num_blocks,
         kv_cache_tensors=[KVCacheTensor(size=spec.page_size_bytes * num_blocks, shared_by=[n]) for n in layer_names],
-        kv_cache_groups=[KVCacheGroupSpec(layer_names, spec)],
+        kv_cache_groups=groups,
     )
     scheduler = Scheduler(
         vllm_config=vllm_config,

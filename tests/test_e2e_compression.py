@@ -1,7 +1,9 @@
 """vLLM's real engine (CPU build) compressing with the plugin, checked against the transformers oracle.
 
 One in-process engine (see conftest: VLLM_ENABLE_V1_MULTIPROCESSING=0) runs
-KVzap-MLP at a default keep ratio of 0.25 with block size 16; requests override
+KVzap-MLP at a default keep ratio of 0.25 with block size 16 and the default
+(global) budget policy, whose per-layer counts follow the scores: head pages
+are packed across layers in one KV buffer; requests override
 the ratio or opt out through `extra_args` (vllm_xargs), so one batch mixes
 compressed and dense requests.  For every request the oracle
 (`vllm_kvzip.scoring.vllm_reference.generate_like_vllm`: same geometry, scores,
@@ -127,9 +129,11 @@ def test_mixed_batch_matches_the_transformers_oracle(engine, oracle_model, surro
             evictable = reference.geometry.evictable_tokens
             assert recorded is not None, f"request {extra} was not compressed"
             assert torch.equal(recorded, reference.keep[:, :, :evictable].cpu()), f"keep-sets differ for {extra}"
-            # The per-layer budget is exact: every layer keeps H * per_head_budget tokens.
+            # The global budget is exact over the request, and its layers keep different counts.
             per_layer = recorded.sum(dim=(1, 2))
-            assert torch.all(per_layer == reference.geometry.layer_budget)
+            assert int(per_layer.sum()) == reference.geometry.kept_tokens
+            assert len(set(per_layer.tolist())) > 1, per_layer
+            assert reference.geometry.policy == "global" and reference.geometry.num_layers == len(per_layer)
         assert list(output.outputs[0].token_ids) == reference.token_ids, f"outputs differ for {extra}"
     assert compressed == 2
 
@@ -148,9 +152,11 @@ def test_free_blocks_grow_by_what_the_geometry_predicts(engine):
     held_dense = cdiv(len(prompt), BLOCK_SIZE)
     assert start - pool.get_num_free_blocks() == held_dense
     llm_engine.step()  # the scheduler sees the processed prefill and frees the gap
+    state = get_state()
     geometry = CompressionGeometry(
         num_tokens=len(prompt), block_size=BLOCK_SIZE, window=SETTINGS["window"],
-        keep_ratio=SETTINGS["keep_ratio"], num_kv_heads=get_state().num_kv_heads, sink_tokens=4,
+        keep_ratio=SETTINGS["keep_ratio"], num_kv_heads=state.num_kv_heads, num_layers=state.num_layers,
+        policy="global", sink_tokens=4,
     )
     assert geometry.freed_blocks > 0
     # One decode step may have opened one new block at the tail.
@@ -185,7 +191,6 @@ def test_offline_metrics_count_what_the_scheduler_freed(engine, embedded_model):
 
     from vllm_kvzip.backend.state import get_state
     from vllm_kvzip.block_manager.vllm_manager import KVzipManager
-    from vllm_kvzip.scoring.policies import layer_keep_count
 
     labels = {"model_name": embedded_model, "engine": "0", "method": SETTINGS["method"]}
 
@@ -205,19 +210,18 @@ def test_offline_metrics_count_what_the_scheduler_freed(engine, embedded_model):
     engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params)
     after = snapshot()
 
-    num_kv_heads = get_state().num_kv_heads
+    state = get_state()
     geometries = [
         CompressionGeometry(
             num_tokens=len(prompt), block_size=BLOCK_SIZE, window=SETTINGS["window"], keep_ratio=ratio,
-            num_kv_heads=num_kv_heads, sink_tokens=4,
+            num_kv_heads=state.num_kv_heads, num_layers=state.num_layers, policy="global", sink_tokens=4,
         )
         for prompt, ratio in zip(prompts[:2], (SETTINGS["keep_ratio"], 0.5))
     ]
     assert all(g.compresses for g in geometries)
+    # Kept per (layer, KV head) on average: the global total over the pairs, plus the dense tail.
     ratios = [
-        (layer_keep_count(g.keep_ratio, "layer", num_kv_heads, g.evictable_tokens, sink_tokens=4, window=0)
-         / num_kv_heads + g.num_tokens - g.evictable_tokens) / g.num_tokens
-        for g in geometries
+        (g.kept_tokens / g.num_pairs + g.num_tokens - g.evictable_tokens) / g.num_tokens for g in geometries
     ]
 
     def delta(name, outcome=None, field="value"):

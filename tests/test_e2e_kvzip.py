@@ -128,7 +128,8 @@ def test_vllm_matches_the_oracle_writes_no_kv_and_frees_the_predicted_blocks(eng
             request_id = f"{method.replace('-', '')}{index}"
             geometry = CompressionGeometry(
                 num_tokens=len(prompt), block_size=BLOCK_SIZE, window=SETTINGS["window"],
-                keep_ratio=SETTINGS["keep_ratio"], num_kv_heads=state.num_kv_heads, sink_tokens=config.sink_tokens,
+                keep_ratio=SETTINGS["keep_ratio"], num_kv_heads=state.num_kv_heads, num_layers=state.num_layers,
+                policy="global", sink_tokens=config.sink_tokens,
             )
             chunks = prompt_reconstruction_chunks(
                 prompt, len(prompt), geometry.evictable_tokens, config.sink_tokens, config.chunk_size, repeat_prompt

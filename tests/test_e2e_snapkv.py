@@ -120,7 +120,8 @@ def test_vllm_snapkv_matches_the_oracle_writes_no_kv_and_frees_the_predicted_blo
             request_id = f"snapkv{index}"
             geometry = CompressionGeometry(
                 num_tokens=len(prompt), block_size=BLOCK_SIZE, window=config.window,
-                keep_ratio=config.keep_ratio, num_kv_heads=state.num_kv_heads, sink_tokens=config.sink_tokens,
+                keep_ratio=config.keep_ratio, num_kv_heads=state.num_kv_heads, num_layers=state.num_layers,
+                policy=state.policy, sink_tokens=config.sink_tokens,
             )
             assert geometry.freed_blocks > 0 and len(prompt) > 256, "the prompt must free blocks and prefill in steps"
             overlaps.append(max(0, geometry.evictable_tokens - (len(prompt) - config.snapkv_window)))

@@ -331,7 +331,8 @@ def test_preemption_under_memory_pressure(engine, watch, prompts, clean):
             geometry = CompressionGeometry(
                 num_tokens=max(admissions), block_size=BLOCK_SIZE, window=SETTINGS["window"],
                 keep_ratio=(job.extra or {}).get("kv_compression_ratio", SETTINGS["keep_ratio"]),
-                num_kv_heads=state.num_kv_heads, sink_tokens=state.config.sink_tokens,
+                num_kv_heads=state.num_kv_heads, num_layers=state.num_layers, policy=state.policy,
+                sink_tokens=state.config.sink_tokens,
             )
             if geometry.compresses:
                 # Its last compression covered prompt + the outputs it had when it resumed.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.scheduler_harness import NUM_KV_HEADS, build_scheduler, kvzip_manager, make_request, step
+from tests.scheduler_harness import NUM_KV_HEADS, NUM_LAYERS, build_scheduler, kvzip_manager, make_request, step
 from vllm_kvzip.block_manager.geometry import CompressionGeometry
 from vllm_kvzip.metrics import (
     COMPRESSED,
@@ -31,22 +31,16 @@ WINDOW = 32
 SETTINGS = {"method": "streaming", "keep_ratio": 0.25, "window": WINDOW}
 
 
-def _geometry(num_tokens, keep_ratio=0.25, num_kv_heads=NUM_KV_HEADS):
+def _geometry(num_tokens, keep_ratio=0.25, num_kv_heads=NUM_KV_HEADS, policy="global"):
     return CompressionGeometry(
         num_tokens=num_tokens, block_size=BLOCK, window=WINDOW, keep_ratio=keep_ratio,
-        num_kv_heads=num_kv_heads, sink_tokens=4,
+        num_kv_heads=num_kv_heads, num_layers=NUM_LAYERS, policy=policy, sink_tokens=4,
     )
 
 
-def _kept_per_head(geometry, policy="layer"):
-    """Context tokens a compressed request keeps per (layer, KV head), as the worker's policy keeps them."""
-    from vllm_kvzip.scoring.policies import layer_keep_count
-
-    layer = layer_keep_count(
-        geometry.keep_ratio, policy, geometry.num_kv_heads, geometry.evictable_tokens,
-        sink_tokens=geometry.sink_tokens, window=0,
-    )
-    return layer / geometry.num_kv_heads + geometry.num_tokens - geometry.evictable_tokens
+def _kept_per_head(geometry):
+    """Context tokens a compressed request keeps per (layer, KV head) on average, as the worker's policy keeps them."""
+    return geometry.kept_tokens / geometry.num_pairs + geometry.num_tokens - geometry.evictable_tokens
 
 
 class _Stats:
@@ -59,29 +53,41 @@ class _Stats:
 # ---- events ------------------------------------------------------------------------------
 
 
-def test_event_of_a_compressed_request_counts_kept_tokens_per_layer_plus_the_tail():
+def test_event_of_a_compressed_request_counts_kept_tokens_over_all_pairs_plus_the_tail():
     geometry = _geometry(1000)
-    # 960 evictable tokens, 4 sinks: one layer keeps 2 * 4 + floor(0.25 * 2 * 956) = 486 of them; 40-token tail.
-    event = CompressionEvent.from_geometry(geometry, freed_blocks=43, policy="layer")
-    assert event == CompressionEvent(COMPRESSED, 1000, NUM_KV_HEADS, 486 + 2 * 40, 43)
+    # 960 evictable tokens, 4 sinks, 4 layers x 2 heads: the request keeps 8 * 4 + floor(0.25 * 8 * 956)
+    # = 1944 of them over its 8 (layer, head) pairs; 40-token tail in every pair.
+    event = CompressionEvent.from_geometry(geometry, freed_blocks=43)
+    assert event == CompressionEvent(COMPRESSED, 1000, 8, 1944 + 8 * 40, 43)
     assert event.kept_tokens == 283 and event.kept_ratio == pytest.approx(283 / 1000)
 
 
-def test_layer_policy_may_keep_more_than_the_per_head_budget():
-    """A layer budget is floored once, not once per head: up to H - 1 more tokens per layer."""
-    geometry = CompressionGeometry(num_tokens=485, block_size=BLOCK, window=64, keep_ratio=0.3, num_kv_heads=3, sink_tokens=4)
-    assert geometry.evictable_tokens == 416 and geometry.per_head_budget == 4 + 123
-    layer = CompressionEvent.from_geometry(geometry, 17, "layer")
-    head = CompressionEvent.from_geometry(geometry, 17, "head")
-    assert layer.kept_entries == 12 + 370 + 3 * 69 and head.kept_entries == 3 * (127 + 69)
-    assert layer.kept_tokens == pytest.approx(196 + 1 / 3)
+@pytest.mark.parametrize(
+    "policy, kept",
+    [
+        ("global", 3 * 12 + 1112),  # floor(0.3 * 3 layers * 3 heads * 412) = floor(1112.4), once for the request
+        ("layer", 3 * (12 + 370)),  # floor(370.8) per layer
+        ("adakv", 3 * (12 + 370)),
+        ("head", 9 * (4 + 123)),  # floor(123.6) per (layer, head)
+    ],
+)
+def test_each_policy_floors_its_budget_once_per_unit(policy, kept):
+    geometry = CompressionGeometry(
+        num_tokens=485, block_size=BLOCK, window=64, keep_ratio=0.3, num_kv_heads=3, num_layers=3, policy=policy,
+        sink_tokens=4,
+    )
+    assert geometry.evictable_tokens == 416
+    event = CompressionEvent.from_geometry(geometry, 17)
+    assert event.kept_entries == kept + 9 * 69
+    assert event.kept_tokens == pytest.approx(kept / 9 + 69)
 
 
 def test_event_of_a_short_request_keeps_everything():
     geometry = _geometry(40)
     assert not geometry.compresses
-    event = CompressionEvent.from_geometry(geometry, freed_blocks=0, policy="layer")
-    assert event == CompressionEvent(TOO_SHORT, 40, NUM_KV_HEADS, 40 * NUM_KV_HEADS, 0) and event.kept_ratio == 1.0
+    event = CompressionEvent.from_geometry(geometry, freed_blocks=0)
+    pairs = NUM_LAYERS * NUM_KV_HEADS
+    assert event == CompressionEvent(TOO_SHORT, 40, pairs, 40 * pairs, 0) and event.kept_ratio == 1.0
     assert CompressionEvent.opted_out(800, 3) == CompressionEvent(OPTED_OUT, 800, 3, 2400, 0)
 
 
@@ -167,7 +173,7 @@ def test_metrics_sum_the_events_per_engine():
     events = [
         CompressionEvent(COMPRESSED, 1000, 1, 283, 43),
         CompressionEvent(COMPRESSED, 800, 3, 1201, 20),  # 400 + 1/3 tokens per head
-        CompressionEvent.from_geometry(_geometry(40), 0, "layer"),
+        CompressionEvent.from_geometry(_geometry(40), 0),
         CompressionEvent.opted_out(900, 3),
     ]
     metrics.observe(events, engine_idx=1)

@@ -95,11 +95,11 @@ def test_metrics_match_the_geometry(server, embedded_model):
     from openai import OpenAI
 
     from vllm_kvzip.block_manager.geometry import CompressionGeometry
-    from vllm_kvzip.scoring.policies import layer_keep_count
 
     base, log_path = server
     client = OpenAI(base_url=f"{base}/v1", api_key="none")
-    num_kv_heads = json.loads(open(os.path.join(embedded_model, "config.json")).read())["num_key_value_heads"]
+    model_config = json.loads(open(os.path.join(embedded_model, "config.json")).read())
+    num_kv_heads, num_layers = model_config["num_key_value_heads"], model_config["num_hidden_layers"]
     labels = {"model_name": "smollm2", "engine": "0", "method": "streaming"}
 
     def value(snapshot, name, **extra):
@@ -126,7 +126,7 @@ def test_metrics_match_the_geometry(server, embedded_model):
 
     geometries = [
         CompressionGeometry(num_tokens=tokens, block_size=16, window=64, keep_ratio=ratio,
-                            num_kv_heads=num_kv_heads, sink_tokens=4)
+                            num_kv_heads=num_kv_heads, num_layers=num_layers, policy="global", sink_tokens=4)
         for tokens, ratio in compressed
     ]
     assert all(geometry.compresses for geometry in geometries)
@@ -142,13 +142,9 @@ def test_metrics_match_the_geometry(server, embedded_model):
     assert value(delta, "vllm:kvzip_requests_total", outcome="opted_out") == 1
     assert value(delta, "vllm:kvzip_requests_total", outcome="too_short") == 1
     assert value(delta, "vllm:kvzip_kept_ratio_count") == 3
-    # Kept per (layer, KV head): the default "layer" policy keeps floor(r * H * scored) + H * sinks
-    # tokens in every layer, plus the dense tail.
-    kept = [
-        layer_keep_count(g.keep_ratio, "layer", num_kv_heads, g.evictable_tokens, sink_tokens=4, window=0) / num_kv_heads
-        + g.num_tokens - g.evictable_tokens
-        for g in geometries
-    ]
+    # Kept per (layer, KV head) on average: the default "global" policy keeps
+    # floor(r * L * H * scored) + L * H * sinks tokens over the request, plus the dense tail.
+    kept = [g.kept_tokens / g.num_pairs + g.num_tokens - g.evictable_tokens for g in geometries]
     ratios = [k / g.num_tokens for k, g in zip(kept, geometries)]
     assert value(delta, "vllm:kvzip_kept_ratio_sum") == pytest.approx(sum(ratios), abs=1e-9)
     assert value(delta, "vllm:kvzip_freed_blocks_total") == sum(g.freed_blocks for g in geometries)

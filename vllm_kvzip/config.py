@@ -39,12 +39,11 @@ MAX_SNAPKV_WINDOW = 1 << 16
 MAX_SNAPKV_KERNEL = 255
 
 # How scores turn into keep-sets when a keep ratio is given (see
-# vllm_kvzip.scoring.policies).  "layer" budgets are what the vLLM path packs
-# best: every layer keeps the same number of tokens, so the pages it needs are
-# known before scoring (see docs/design.md).
+# vllm_kvzip.scoring.policies).  Every policy keeps a total fixed before
+# scoring, which is all the vLLM path's cross-layer page packing needs to know
+# (docs/design.md); "global" (one threshold across layers and heads, KVzip's
+# default) is the default everywhere (`KVCompressionConfig.effective_policy`).
 POLICIES: tuple[str, ...] = ("global", "layer", "head", "adakv")
-# Policy of the vLLM path when the user gave none.
-DEFAULT_VLLM_POLICY = "layer"
 
 MethodName = Literal[
     "none", "kvzip", "kvzip-plus", "kvzap-linear", "kvzap-mlp", "head", "snapkv", "streaming", "random"

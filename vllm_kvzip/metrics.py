@@ -3,7 +3,8 @@
 The numbers start in the engine core, where `KVzipManager` frees a request's
 gap blocks once its prefill is processed (`CompressionEvent`, exact: the freed
 count is the block pool's own, and the kept count follows from the geometry
-and the budget policy, which the worker's keep-sets meet exactly).  They travel to the
+and the budget policy, which the worker's keep-sets meet exactly; in threshold
+mode the worker reports it).  They travel to the
 process that serves `/metrics` inside vLLM's `SchedulerStats`, under one key of
 its free-form `kv_connector_stats` dict (`attach_events` / `take_events`), and
 `CompressionMetrics` turns them into Prometheus series there.  The vLLM side
@@ -43,7 +44,7 @@ OUTCOMES = (COMPRESSED, TOO_SHORT, OPTED_OUT)
 # Key of our entry in SchedulerStats.kv_connector_stats; `take_events` removes
 # it before vLLM's own stat loggers look at that dict.
 PAYLOAD_KEY = "vllm_kvzip"
-PAYLOAD_VERSION = 1
+PAYLOAD_VERSION = 2  # 2: sizes over all (layer, KV head) pairs (1: one layer's)
 
 METRIC_PREFIX = "vllm:kvzip_"
 KEPT_RATIO_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.10, ..., 1.0
@@ -53,70 +54,66 @@ KEPT_RATIO_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.
 class CompressionEvent:
     """One processed prefill of a request in a compressing engine.
 
-    Sizes are counted in one layer's KV entries (one token of one KV head):
-    every layer keeps the same number, so that is exact for the whole request.
+    Sizes are counted in KV entries (one token of one (layer, KV head) pair)
+    over the whole request: `num_pairs = L * H` pairs, so the counts are exact
+    whatever the split between layers (the global policy and threshold mode
+    keep different counts in different layers).
     """
 
     outcome: str
     context_tokens: int  # tokens in the cache when the prefill completed
-    num_kv_heads: int
-    kept_entries: int  # of the layer's context_tokens * num_kv_heads entries, those still cached
+    num_pairs: int  # (layer, KV head) pairs of the model: L * H
+    kept_entries: int  # of the context_tokens * num_pairs entries, those still cached
     freed_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {self.outcome!r}; valid: {', '.join(OUTCOMES)}")
-        for name in ("context_tokens", "num_kv_heads", "kept_entries", "freed_blocks"):
+        for name in ("context_tokens", "num_pairs", "kept_entries", "freed_blocks"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if self.num_kv_heads == 0:
-            raise ValueError("num_kv_heads must be positive")
+        if self.num_pairs == 0:
+            raise ValueError("num_pairs must be positive")
         if self.kept_entries > self.context_entries:
             raise ValueError(f"kept_entries {self.kept_entries} > {self.context_entries} context entries")
         if self.outcome == COMPRESSED and self.context_tokens == 0:
             raise ValueError("a compressed request has context tokens")
 
     @classmethod
-    def from_geometry(cls, geometry: CompressionGeometry, freed_blocks: int, policy: str) -> "CompressionEvent":
+    def from_geometry(cls, geometry: CompressionGeometry, freed_blocks: int) -> "CompressionEvent":
         """A request the scheduler compressed (or found too short), `freed_blocks` blocks freed.
 
-        The kept count is the one the worker's `keep_by_ratio(policy)` keeps in
-        every layer: known from the geometry alone (no worker message), and
-        exact (tests/scoring/test_policies.py checks the formula against the
-        keep-sets).  It can exceed `geometry.layer_budget` by up to H - 1: a
-        layer budget is floored once, not once per head.
+        The kept count is the one the worker's `keep_by_ratio(policy)` keeps
+        over all (layer, KV head) pairs (`geometry.kept_tokens`): known from the
+        geometry alone (no worker message), and exact
+        (tests/scoring/test_policies.py checks the formula against the keep-sets).
         """
-        heads = geometry.num_kv_heads
+        pairs = geometry.num_pairs
         if not geometry.compresses:
-            return cls(TOO_SHORT, geometry.num_tokens, heads, heads * geometry.num_tokens, 0)
-        from vllm_kvzip.scoring.policies import layer_keep_count
-
-        scored = layer_keep_count(
-            geometry.keep_ratio, policy, heads, geometry.evictable_tokens, sink_tokens=geometry.sink_tokens, window=0
-        )
+            return cls(TOO_SHORT, geometry.num_tokens, pairs, pairs * geometry.num_tokens, 0)
         tail = geometry.num_tokens - geometry.evictable_tokens
-        return cls(COMPRESSED, geometry.num_tokens, heads, scored + heads * tail, freed_blocks)
+        return cls(COMPRESSED, geometry.num_tokens, pairs, geometry.kept_tokens + pairs * tail, freed_blocks)
 
     @classmethod
-    def opted_out(cls, num_tokens: int, num_kv_heads: int) -> "CompressionEvent":
-        return cls(OPTED_OUT, num_tokens, num_kv_heads, num_tokens * num_kv_heads, 0)
+    def opted_out(cls, num_tokens: int, num_pairs: int) -> "CompressionEvent":
+        return cls(OPTED_OUT, num_tokens, num_pairs, num_tokens * num_pairs, 0)
 
     @property
     def context_entries(self) -> int:
-        return self.context_tokens * self.num_kv_heads
+        return self.context_tokens * self.num_pairs
 
     @property
     def kept_tokens(self) -> float:
         """Context tokens still cached, per (layer, KV head) on average."""
-        return self.kept_entries / self.num_kv_heads
+        return self.kept_entries / self.num_pairs
 
     @property
     def kept_ratio(self) -> float:
         return self.kept_entries / self.context_entries if self.context_tokens else 1.0
 
     def to_row(self) -> list:
-        return [self.outcome, self.context_tokens, self.num_kv_heads, self.kept_entries, self.freed_blocks]
+        return [self.outcome, self.context_tokens, self.num_pairs, self.kept_entries, self.freed_blocks]
 
     @classmethod
     def from_row(cls, row: Any) -> "CompressionEvent":

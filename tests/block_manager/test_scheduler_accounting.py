@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.scheduler_harness import build_scheduler, free_blocks, kvzip_manager, make_request, step
+from tests.scheduler_harness import NUM_KV_HEADS, NUM_LAYERS, build_scheduler, free_blocks, kvzip_manager, make_request, step
 from vllm_kvzip.block_manager.geometry import CompressionGeometry, cdiv
 
 BLOCK = 16
@@ -22,9 +22,12 @@ def compressing_scheduler_factory(embedded_model):
     return factory
 
 
-def test_blocks_freed_after_prefill_match_the_geometry(compressing_scheduler_factory):
-    scheduler = compressing_scheduler_factory()
+@pytest.mark.parametrize("policy", [None, "global", "layer", "head", "adakv"])
+def test_blocks_freed_after_prefill_match_the_geometry(compressing_scheduler_factory, policy):
+    scheduler = compressing_scheduler_factory(kv={"policy": policy} if policy else {})
     manager = kvzip_manager(scheduler)
+    # vLLM merged the group's per-layer specs: the manager knows how many layers share a block.
+    assert manager.kv_cache_spec.num_layers == NUM_LAYERS
     start = free_blocks(scheduler)
     request = make_request(num_prompt_tokens=1000, max_tokens=5)
     scheduler.add_request(request)
@@ -34,11 +37,13 @@ def test_blocks_freed_after_prefill_match_the_geometry(compressing_scheduler_fac
     assert start - free_blocks(scheduler) == held_dense
     step(scheduler)  # first decode step: the scheduler sees the processed prefill
     geometry = CompressionGeometry(
-        num_tokens=1000, block_size=BLOCK, window=32, keep_ratio=0.25, num_kv_heads=2, sink_tokens=4
+        num_tokens=1000, block_size=BLOCK, window=32, keep_ratio=0.25, num_kv_heads=NUM_KV_HEADS,
+        num_layers=NUM_LAYERS, policy=policy or "global", sink_tokens=4,
     )
     assert geometry.dense_start_block == (1000 - 32) // BLOCK == 60
-    # 4 sinks + floor(0.25 * (960 - 4)) = 243 tokens per head; any split of 2 * 243 fits 17 blocks.
-    assert geometry.per_head_budget == 243 and geometry.container_blocks == 17
+    # 8 (layer, head) pairs: 8 * 4 sinks + floor(0.25 * 8 * 956) = 1944 tokens (every policy: no
+    # flooring loss here); any split needs at most 8 + (1944 - 8) // 16 = 129 pages: 17 blocks of 8.
+    assert geometry.kept_tokens == 1944 and geometry.head_pages == 129 and geometry.container_blocks == 17
     record = manager.compression_record(request.request_id)
     assert record is not None and record.freed_blocks == geometry.freed_blocks == 43
     blocks = scheduler.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks[request.request_id]
@@ -76,7 +81,8 @@ def test_per_request_ratio_overrides_the_engine_ratio(compressing_scheduler_fact
     for _ in range(3):
         step(scheduler)
     geometry = CompressionGeometry(
-        num_tokens=800, block_size=BLOCK, window=32, keep_ratio=0.5, num_kv_heads=2, sink_tokens=4
+        num_tokens=800, block_size=BLOCK, window=32, keep_ratio=0.5, num_kv_heads=NUM_KV_HEADS,
+        num_layers=NUM_LAYERS, policy="global", sink_tokens=4,
     )
     assert manager.compression_record(request.request_id).freed_blocks == geometry.freed_blocks > 0
 

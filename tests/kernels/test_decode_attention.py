@@ -25,9 +25,11 @@ MIXED_ROWS_4_HEADS = [
 ]
 
 
-def run_triton(batch, workspace: RaggedDecodeWorkspace, num_splits: int | None) -> torch.Tensor:
+def run_triton(batch, workspace: RaggedDecodeWorkspace, num_splits: int | None, layer: int = 0) -> torch.Tensor:
     out = torch.full_like(batch.query, float("nan"))  # poisoned: every element must be written
-    result = ragged_decode_attention(*batch.args(), out=out, workspace=workspace, use_triton=True, num_splits=num_splits)
+    result = ragged_decode_attention(
+        *batch.args(layer), out=out, workspace=workspace, use_triton=True, num_splits=num_splits, **batch.layout(layer)
+    )
     assert result is out
     return out
 
@@ -41,8 +43,8 @@ def small_workspace(batch, max_num_splits: int = 8, tile_tokens: int = 16, min_t
     )
 
 
-def assert_matches_reference(batch, out: torch.Tensor) -> None:
-    expected = ragged_decode_attention_ref(*batch.args())
+def assert_matches_reference(batch, out: torch.Tensor, layer: int = 0) -> None:
+    expected = ragged_decode_attention_ref(*batch.args(layer), **batch.layout(layer))
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out.float(), expected.float(), **tolerance(batch.query.dtype))
 
@@ -184,18 +186,20 @@ def test_cuda_graph_replay_follows_new_lengths() -> None:
     # Static metadata buffers, wide enough for both batches, as a model runner keeps them.
     block_table = torch.zeros(2, 256, dtype=torch.int32, device=DEVICE)
     static = dict(seq_lens=batch.seq_lens.clone(), dense_start=batch.dense_start.clone(),
-                  kept_len=batch.kept_len.clone(), page_start=batch.page_start.clone())
+                  kept_len=batch.kept_len[:, 0].clone(), page_start=batch.page_start[:, 0].clone())
 
     def load(source) -> None:
         block_table.zero_()
         block_table[:, : source.block_table.shape[1]] = source.block_table
         for name, tensor in static.items():
-            tensor.copy_(getattr(source, name))
+            value = getattr(source, name)
+            tensor.copy_(value[:, 0] if name in ("kept_len", "page_start") else value)
 
     def launch() -> None:
         ragged_decode_attention(
             batch.query, batch.kv_cache, block_table, static["seq_lens"], static["dense_start"],
             static["kept_len"], static["page_start"], batch.scale, out=out, workspace=workspace,
+            layer=0, num_layers=1,
         )
 
     load(batch)
@@ -223,3 +227,44 @@ def make_num_blocks(rows: list[RowSpec], num_kv_heads: int, seed: int) -> int:
     """Blocks make_ragged_batch(seed=seed) allocates for `rows` before spares (to keep the cache shape fixed)."""
     probe = make_ragged_batch(rows, num_kv_heads, 1, 16, dtype=torch.float32, device="cpu", seed=seed, spare_blocks=0)
     return probe.kv_cache.shape[0]
+
+
+# ---- the whole cache of several layers, head pages packed across layers ---------------
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_cross_layer_pages_match_reference_for_every_layer(num_splits: int) -> None:
+    """Pairs with 0 / 1 kept tokens, exactly full pages, and pages that continue across a
+    container, a layer share and a block boundary (see CROSS_LAYER_ROWS in test_reference.py)."""
+    from tests.kernels.test_reference import CROSS_LAYER_ROWS
+
+    batch = make_ragged_batch(CROSS_LAYER_ROWS, num_kv_heads=2, group=2, head_size=64, dtype=torch.float16,
+                              device=DEVICE, seed=100, num_layers=3, packed=True)
+    assert batch.page_start[0].tolist() == [[0, 2], [3, 6], [6, 8]]
+    workspace = small_workspace(batch)
+    for layer in range(3):
+        out = run_triton(batch, workspace, num_splits, layer)
+        assert_matches_reference(batch, out, layer)
+        torch.testing.assert_close(out.double().cpu(), brute_force_decode_attention(batch, layer), atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_cross_layer_batches(seed: int) -> None:
+    """Random pair order and unused pages between pairs, 4 layers: every layer's output equals the reference."""
+    generator = torch.Generator().manual_seed(200 + seed)
+    num_layers, num_kv_heads = 4, 2
+    rows = []
+    for dense_len in (9, 1, 30):
+        kept = torch.randint(0, 50, (num_layers, num_kv_heads), generator=generator)
+        kept[torch.rand(num_layers, num_kv_heads, generator=generator) < 0.25] = 0
+        rows.append(RowSpec(kept_len=kept.tolist(), dense_len=dense_len))
+    batch = make_ragged_batch(rows, num_kv_heads=num_kv_heads, group=4, head_size=64, dtype=torch.float32,
+                              device=DEVICE, seed=300 + seed, num_layers=num_layers)
+    workspace = small_workspace(batch)
+    for layer in range(num_layers):
+        assert_matches_reference(batch, run_triton(batch, workspace, 3, layer), layer)
+
+
+def test_layer_argument_is_checked() -> None:
+    batch = make_ragged_batch([RowSpec([[1, 1], [2, 2]], 1)], num_kv_heads=2, group=1, head_size=64,
+                              dtype=torch.float16, device=DEVICE, seed=71, num_layers=2)
+    with pytest.raises(ValueError, match="layers"):
+        ragged_decode_attention(*batch.args(), workspace=small_workspace(batch), use_triton=True, layer=2, num_layers=2)

@@ -14,6 +14,7 @@ from vllm_kvzip.scoring.policies import (
     keep_by_threshold,
     layer_keep_count,
     protected_mask,
+    total_keep_count,
 )
 
 
@@ -74,6 +75,17 @@ def test_layer_keep_count_is_what_every_layer_keeps(problem, policy):
     keep = keep_by_ratio(scores, ratio, policy, sink_tokens=sinks, window=window)
     expected = layer_keep_count(ratio, policy, heads, tokens, sink_tokens=sinks, window=window)
     assert keep.kept_counts.sum(dim=-1).tolist() == [expected] * layers
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), st.sampled_from(["global", "layer", "head", "adakv"]))
+def test_total_keep_count_is_what_the_request_keeps(problem, policy):
+    """The scheduler sizes head-page containers with total_keep_count, without seeing the scores."""
+    scores, ratio, sinks, window = problem
+    layers, heads, tokens = scores.shape
+    keep = keep_by_ratio(scores, ratio, policy, sink_tokens=sinks, window=window)
+    expected = total_keep_count(ratio, policy, layers, heads, tokens, sink_tokens=sinks, window=window)
+    assert int(keep.kept_counts.sum()) == expected
 
 
 def test_layer_keep_count_floors_once_per_layer():

@@ -85,7 +85,7 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         dict(
             type=str,
             metavar="{" + ",".join(POLICIES) + "}",
-            help="How a keep ratio is spread: global (one threshold across layers and heads, KVzip's default), "
+            help="How a keep ratio is spread: global (default: one threshold across layers and heads, as KVzip), "
             "layer (same count per layer), head (same count per head), adakv (per layer, AdaKV safeguard).",
         ),
     ),

@@ -22,8 +22,6 @@ SUPPORTED_HEAD_SIZES = (64, 128)
 CUSTOM_BACKEND = "CUSTOM"
 # Methods the vLLM path scores today (the scoring library has them all).
 VLLM_METHODS = ("kvzip", "kvzip-plus", "snapkv", "streaming", "random", "head", "kvzap-linear", "kvzap-mlp")
-# Keep-ratio policies whose per-layer budget is fixed in advance (docs/design.md).
-VLLM_POLICIES = ("layer", "head", "adakv")
 
 logger = get_logger(__name__)
 
@@ -64,12 +62,6 @@ def prepare_engine_args(engine_args: Any) -> KVCompressionConfig:
                 raise KVCompressionConfigError(
                     f"{flag} applies only to --kv-compression snapkv (got --kv-compression {config.method})"
                 )
-    if config.policy is not None and config.policy not in VLLM_POLICIES:
-        refuse(
-            "--kv-compression-policy",
-            f"{config.policy!r} gives layers different budgets, which per-layer page packing cannot free; "
-            f"valid values in vLLM: {', '.join(VLLM_POLICIES)}",
-        )
 
     if engine_args.enable_prefix_caching:
         refuse(

@@ -73,3 +73,64 @@ def install_kv_cache_hooks() -> None:
     KVCacheManager.allocate_slots = allocate_slots
     Scheduler.update_from_output = update_from_output
     Attention._vllm_kvzip_hooked = True
+
+
+def install_shared_kv_buffer() -> None:
+    """With compression on, allocate every layer's KV cache as a slice of one buffer (layer-major).
+
+    vLLM 0.26's `GPUModelRunner._allocate_kv_cache_tensors` (the CPU runner
+    inherits it) gives each layer its own int8 tensor of `NB * page_size`
+    bytes.  Here the same bytes come from one buffer instead: layer l's raw
+    tensor is `buffer[l * layer_bytes : (l + 1) * layer_bytes]`, so vLLM's
+    reshape still makes an ordinary contiguous `[NB, H, bs, 2 * head_size]`
+    tensor per layer (dense prefill paths see no change), and the plugin can
+    view the whole cache as `[L * NB, H, bs, 2 * head_size]` and pack a
+    request's head pages across layers (docs/design.md).  The total is what
+    vLLM would have allocated.
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner._allocate_kv_cache_tensors, "_vllm_kvzip_hooked", False):
+        return
+    original = GPUModelRunner._allocate_kv_cache_tensors
+
+    def _allocate_kv_cache_tensors(self, kv_cache_config):
+        from vllm_kvzip.adapter.engine import kv_compression_config
+
+        if not kv_compression_config(self.vllm_config).enabled:
+            return original(self, kv_cache_config)
+        return allocate_shared_kv_buffer(kv_cache_config, self.device)
+
+    _allocate_kv_cache_tensors._vllm_kvzip_hooked = True
+    GPUModelRunner._allocate_kv_cache_tensors = _allocate_kv_cache_tensors
+
+
+def allocate_shared_kv_buffer(kv_cache_config, device) -> dict:
+    """Layer name -> int8 slice of one zeroed buffer, in the KV cache group's layer order.
+
+    Only the layout the plugin's scheduler side assumes is accepted: one KV
+    cache group of `KVzipAttentionSpec` layers, one unshared, unpacked tensor
+    per layer, all of one size.  Anything else raises: the scheduler would free
+    blocks whose head pages the worker could not place.
+    """
+    import torch
+
+    from vllm_kvzip.block_manager.vllm_manager import KVzipAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, KVzipAttentionSpec):
+        raise RuntimeError(
+            "vllm-kvzip: KV compression needs every attention layer in one KV cache group of full attention; "
+            f"got {len(groups)} group(s) of {[type(group.kv_cache_spec).__name__ for group in groups]}"
+        )
+    size_of: dict[str, int] = {}
+    for tensor in kv_cache_config.kv_cache_tensors:
+        if tensor.block_stride or len(tensor.shared_by) != 1:
+            raise RuntimeError("vllm-kvzip: KV compression needs one unshared, unpacked KV cache tensor per layer")
+        size_of[tensor.shared_by[0]] = tensor.size
+    layer_names = list(groups[0].layer_names)
+    if set(layer_names) != set(size_of) or len(set(size_of.values())) != 1:
+        raise RuntimeError("vllm-kvzip: KV compression needs one KV cache tensor of one size for every layer of the group")
+    layer_bytes = size_of[layer_names[0]]
+    buffer = torch.zeros(layer_bytes * len(layer_names), dtype=torch.int8, device=device)
+    return {name: buffer[index * layer_bytes : (index + 1) * layer_bytes] for index, name in enumerate(layer_names)}

@@ -18,7 +18,8 @@ compression state exists, i.e. when compression is off):
   model, and its score caches next to the KV caches; for KVzip / KVzip+ the
   reconstruction pass and for SnapKV the observation pass
   (`vllm_kvzip.adapter.reconstruction_pass`), which the compressor runs
-  before it chooses what to keep.
+  before it chooses what to keep; the whole KV cache (one buffer for all
+  layers, `kv_cache_api.install_shared_kv_buffer`) handed to the worker state.
 
 vLLM 0.26 also has a second model runner (MRV2, `vllm.v1.worker.gpu`); with
 compression on the engine hook selects the V1 runner (VLLM_USE_V2_MODEL_RUNNER=0),
@@ -110,6 +111,11 @@ def install_runner_hooks() -> None:
     def initialize_kv_cache(self, *args, **kwargs):
         result = original_initialize_kv_cache(self, *args, **kwargs)
         state = get_state()
+        from vllm_kvzip.adapter.engine import kv_compression_config
+
+        if state is not None and kv_compression_config(self.vllm_config).enabled:
+            # One buffer for all layers (install_shared_kv_buffer): compaction and decode address it whole.
+            state.attach_kv_cache(attention_kv_caches(self, state.layer_names))
         if state is not None and state.config.is_kvzap:
             from vllm_kvzip.backend.kvzap import allocate_score_caches
 
@@ -125,6 +131,9 @@ def install_runner_hooks() -> None:
 
     if "load_model" in vars(CPUModelRunner):
         CPUModelRunner.load_model = wrap_load_model(CPUModelRunner.load_model)
+    from vllm_kvzip.adapter.kv_cache_api import install_shared_kv_buffer
+
+    install_shared_kv_buffer()
     GPUModelRunner._vllm_kvzip_hooked = True
 
 
@@ -188,7 +197,6 @@ def run_pending_compressions(runner, state, skip=()) -> None:
     from vllm_kvzip.backend.compressor import compress_request, compress_threshold_request
 
     pending, state.pending = state.pending, {}
-    kv_caches = attention_kv_caches(runner, state.layer_names)
     reconstruction = scoring_pass(runner)
     for request_id, num_tokens in pending.items():
         request = runner.requests.get(request_id)
@@ -197,7 +205,7 @@ def run_pending_compressions(runner, state, skip=()) -> None:
         entry = state.requests.get(request_id)
         if entry is not None and entry.threshold_mode:
             compress_threshold_request(
-                state, request_id, num_tokens, list(request.block_ids[0]), kv_caches,
+                state, request_id, num_tokens, list(request.block_ids[0]),
                 lambda rid, first, ids: set_worker_block_ids(runner, rid, first, ids),
             )
         else:
@@ -206,7 +214,6 @@ def run_pending_compressions(runner, state, skip=()) -> None:
                 request_id,
                 num_tokens,
                 list(request.block_ids[0]),
-                kv_caches,
                 token_ids=request_token_ids(request) if reconstruction is not None else None,
                 reconstruction=reconstruction,
             )
@@ -216,7 +223,6 @@ def run_decode_evictions(runner, state) -> None:
     """DMS: fold the dense tail of threshold-mode requests whose tail has grown by about `window` tokens."""
     from vllm_kvzip.backend.compressor import retire_dense_blocks, retirement_target_block
 
-    kv_caches = None
     for request_id, reached in state.step.reached.items():
         entry = state.requests.get(request_id)
         if entry is None or not entry.threshold_mode or not entry.compressed:
@@ -226,10 +232,8 @@ def run_decode_evictions(runner, state) -> None:
         request = runner.requests.get(request_id)
         if request is None:
             continue
-        if kv_caches is None:
-            kv_caches = attention_kv_caches(runner, state.layer_names)
         retire_dense_blocks(
-            state, request_id, reached, list(request.block_ids[0]), kv_caches,
+            state, request_id, reached, list(request.block_ids[0]),
             lambda rid, first, ids: set_worker_block_ids(runner, rid, first, ids),
         )
 

@@ -10,7 +10,8 @@ The backend / metadata builder / impl triad of vLLM's own backends:
   persistent buffers (so full CUDA graphs of decode batches replay it), and
   builds the dense backend's metadata for the prefill rows.
 * `KVzipAttentionImpl`: decode rows -> `ragged_decode_attention` (Triton,
-  ragged head pages + dense tail; an uncompressed row is all dense tail);
+  ragged head pages + dense tail over the whole cache of all layers, since
+  head pages are packed across layers; an uncompressed row is all dense tail);
   prefill rows -> the dense backend (FlashAttention-3 where vLLM has it, else
   TRITON_ATTN), whose KV-cache write is used for every row; KVzip's
   reconstruction forwards (`ReconstructionMetadata`, no slot mapping) ->
@@ -144,9 +145,10 @@ class KVzipAttentionImpl(AttentionImpl):
         decode_tokens = attn_metadata.num_decode_tokens
         if attn_metadata.decode is not None:
             rows = attn_metadata.decode
+            # Head pages may lie in any layer's share of a block: the kernel reads the whole cache.
             ragged_decode_attention(
                 query[:decode_tokens],
-                kv_cache,
+                state.kv_cache,
                 rows.block_table,
                 rows.seq_lens,
                 rows.dense_start,
@@ -155,6 +157,8 @@ class KVzipAttentionImpl(AttentionImpl):
                 self.scale,
                 out=output[:decode_tokens],
                 workspace=state.decode_workspace,
+                layer=self.layer_index,
+                num_layers=state.num_layers,
             )
         if attn_metadata.prefill is not None:
             end = attn_metadata.num_actual_tokens

@@ -26,7 +26,8 @@ from vllm_kvzip.scoring.policies import keep_by_ratio
 def _recorded_kvzap_scores(state: WorkerCompressionState, positions: torch.Tensor, block_table: torch.Tensor):
     """[L, H, n] KVzap scores written into the per-layer score caches during the prefill."""
     heads = torch.arange(state.num_kv_heads, device=positions.device)[:, None]
-    slots = dense_flat_slots(positions[None, :], heads, block_table, state.num_kv_heads, state.block_size)
+    # Each layer's score cache is laid out like that layer's own KV cache (NB blocks).
+    slots = dense_flat_slots(0, positions[None, :], heads, block_table, state.num_kv_heads, state.block_size, 0)
     return torch.stack([state.score_caches[name].view(-1)[slots] for name in state.layer_names])
 
 
@@ -37,8 +38,16 @@ def geometry_for(state: WorkerCompressionState, num_tokens: int, keep_ratio: flo
         window=state.config.window,
         keep_ratio=keep_ratio,
         num_kv_heads=state.num_kv_heads,
+        num_layers=state.num_layers,
+        policy=state.policy,
         sink_tokens=state.config.sink_tokens,
     )
+
+
+def _whole_kv_cache(state: WorkerCompressionState) -> torch.Tensor:
+    if state.kv_cache is None:
+        raise RuntimeError("vllm-kvzip: the KV cache is not attached to the worker state")
+    return state.kv_cache
 
 
 @torch.inference_mode()
@@ -47,7 +56,6 @@ def compress_request(
     request_id: str,
     num_tokens: int,
     block_ids: list[int],
-    kv_caches: dict[str, torch.Tensor],
     *,
     token_ids: list[int] | None = None,
     reconstruction=None,
@@ -99,16 +107,16 @@ def compress_request(
     if state.recorded_keep_sets is not None:
         state.recorded_keep_sets[request_id] = keep.cpu()
         state.recorded_scores[request_id] = scores.cpu()
-    plan = plan_request_compaction(keep, block_table, geometry.container_blocks, state.block_size)
+    plan = plan_request_compaction(
+        keep, block_table, geometry.container_blocks, state.block_size, state.num_blocks_per_layer
+    )
+    # Pages cross layers: every kept row inside the containers (of any layer) is gathered before any is written.
+    compact_kv(_whole_kv_cache(state), plan.src_slots, plan.dst_slots, num_staged=plan.num_staged)
     slot = state.table.acquire()
-    start = 0
-    for name, moves in zip(state.layer_names, plan.moves_per_layer):
-        compact_kv(kv_caches[name], plan.src_slots[start : start + moves], plan.dst_slots[start : start + moves])
-        start += moves
     state.table.kept_len[slot] = plan.kept_len
     state.table.page_start[slot] = plan.page_start
     state.table.dense_start[slot] = geometry.evictable_tokens
-    kept_total = start
+    kept_total = plan.src_slots.numel()
     entry.slot = slot
     entry.kept_tokens = kept_total
     entry.evictable_tokens = evictable
@@ -136,7 +144,6 @@ def retire_dense_blocks(
     request_id: str,
     num_tokens: int,
     block_ids: list[int],
-    kv_caches: dict[str, torch.Tensor],
     set_block_ids,
 ) -> int:
     """Threshold mode: fold the dense tail's blocks before the newest `window` tokens into the head pages.
@@ -170,20 +177,17 @@ def retire_dense_blocks(
     else:
         kept_len, page_start = state.table.kept_len[slot], state.table.page_start[slot]
     containers = torch.tensor(entry.containers, dtype=torch.int64, device=device)
-    plan = plan_retirement(kept_len, page_start, containers, keep, retired, bs)
-    freed = (end_block - first_block) - plan.new_containers
+    plan = plan_retirement(kept_len, page_start, containers, keep, retired, bs, state.num_blocks_per_layer)
+    freed = (end_block - first_block) - plan.new_container_blocks
     if freed <= 0:
         return 0  # everything would stay: keep the blocks dense, try again with a longer tail
-    start = 0
-    for name, moves in zip(state.layer_names, plan.moves_per_layer):
-        compact_kv(kv_caches[name], plan.src_slots[start : start + moves], plan.dst_slots[start : start + moves])
-        start += moves
+    compact_kv(_whole_kv_cache(state), plan.src_slots, plan.dst_slots, num_staged=plan.num_staged)
     if state.recorded_keep_sets is not None:
         previous = state.recorded_keep_sets.get(request_id)
         if previous is None or previous.shape[-1] != first_block * bs:
             previous = torch.zeros(state.num_layers, state.num_kv_heads, first_block * bs, dtype=torch.bool)
         state.recorded_keep_sets[request_id] = torch.cat([previous, keep.cpu()], dim=-1)
-    new_container_ids = block_ids[first_block : first_block + plan.new_containers]
+    new_container_ids = block_ids[first_block : first_block + plan.new_container_blocks]
     if slot == DENSE_SLOT:
         slot = entry.slot = state.table.acquire()
     state.table.kept_len[slot] = plan.kept_len
@@ -197,16 +201,16 @@ def retire_dense_blocks(
     entry.evictable_tokens = end_block * bs
     entry.kept_tokens = int(plan.kept_len.sum())
     entry.retirements += 1
-    state.report_freed_blocks(entry, first_block + plan.new_containers, end_block, num_tokens)
+    state.report_freed_blocks(entry, first_block + plan.new_container_blocks, end_block, num_tokens)
     state.record_retirement(entry, num_tokens, freed, time.perf_counter() - started)
     return freed
 
 
-def compress_threshold_request(state, request_id, num_tokens, block_ids, kv_caches, set_block_ids) -> None:
+def compress_threshold_request(state, request_id, num_tokens, block_ids, set_block_ids) -> None:
     """The prefill of a threshold-mode request is complete: its first folding."""
     entry = state.requests.get(request_id)
     if entry is None or entry.compressed:
         return
     entry.compressed = True
     entry.admission_tokens = num_tokens
-    retire_dense_blocks(state, request_id, num_tokens, block_ids, kv_caches, set_block_ids)
+    retire_dense_blocks(state, request_id, num_tokens, block_ids, set_block_ids)

@@ -6,8 +6,9 @@ in that slot for every engine of the process:
 * compression off: exactly vLLM's CPU backend (every method defers to it);
 * compression on: a plain-torch path over vllm-kvzip's page layout -- KV
   written row by row (`[K | V]` per token, as on CUDA), every row of the batch
-  attended by `ragged_attention_ref` (dense causal attention for prefills,
-  ragged pages + dense tail for compressed decodes).  It is the same reference
+  attended by `ragged_attention_ref` over the whole cache of all layers (dense
+  causal attention for prefills, ragged pages packed across layers + dense
+  tail for compressed decodes).  It is the same reference
   code the Triton kernels are tested against, so CI exercises the real layout
   end to end through vLLM's engine.  KVzip's reconstruction forwards
   (`ReconstructionMetadata`) go to `reconstruction_attention`, shared with CUDA.
@@ -81,12 +82,14 @@ class KVzipCPUAttentionImpl(_CPUImpl):
             )
         assert isinstance(attn_metadata, KVzipAttentionMetadata)
         layer_index = self._layer_index(layer)
+        state = get_state()
         rows = attn_metadata.decode
         num_tokens = attn_metadata.num_actual_tokens
+        # Head pages may lie in any layer's share of a block: attend over the whole cache.
         ragged_attention_ref(
             query[:num_tokens],
             attn_metadata.query_start_loc,
-            kv_cache,
+            state.kv_cache,
             attn_metadata.block_table,
             attn_metadata.seq_lens,
             rows.dense_start,
@@ -94,6 +97,8 @@ class KVzipCPUAttentionImpl(_CPUImpl):
             rows.page_start[:, layer_index],
             self.scale,
             out=output[:num_tokens],
+            layer=layer_index,
+            num_layers=state.num_layers,
         )
         return output
 

@@ -9,7 +9,10 @@ attention backend's metadata builder is built).  It keeps
   decode kernels read through a per-step row -> slot map.  Slot 0 is the
   "dense" slot (no ragged part) used by every request that is not compressed;
 * the current step's batch (request ids in row order), stashed by the
-  model-runner hooks in `vllm_kvzip.adapter.runner_hooks`.
+  model-runner hooks in `vllm_kvzip.adapter.runner_hooks`;
+* the whole KV cache as one tensor `kv_cache [L * NB, H, bs, 2 * head_size]`
+  (all layers share one buffer, `vllm_kvzip.adapter.kv_cache_api`): head pages
+  are packed across layers, so compaction and decode address it as a whole.
 """
 
 from __future__ import annotations
@@ -19,15 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Budget policy of the vLLM path when the user gave none: the same count in
-# every layer (free across its heads) is what per-layer page packing holds
-# exactly (docs/design.md).
-from vllm_kvzip.config import (  # noqa: F401
-    DEFAULT_VLLM_POLICY,
-    KVCompressionConfig,
-    request_keep_ratio,
-    request_uses_threshold,
-)
+from vllm_kvzip.config import KVCompressionConfig, request_keep_ratio, request_uses_threshold
 
 DENSE_SLOT = 0
 
@@ -102,7 +97,7 @@ class WorkerCompressionState:
         device: torch.device,
     ) -> None:
         self.config = config
-        self.policy = config.policy or DEFAULT_VLLM_POLICY
+        self.policy = config.effective_policy
         self.layer_names = list(layer_names)
         self.layer_index = {name: index for index, name in enumerate(self.layer_names)}
         self.num_layers = len(self.layer_names)
@@ -111,6 +106,10 @@ class WorkerCompressionState:
         self.block_size = block_size
         self.device = device
         self.table = RaggedPageTable(max_num_seqs + 1, self.num_layers, num_kv_heads, device)
+        # Every layer's cache, one after another: [L * NB, H, bs, 2 * head_size]
+        # (set by `attach_kv_cache` once vLLM has allocated the cache).
+        self.kv_cache: torch.Tensor | None = None
+        self.num_blocks_per_layer = 0
         self.requests: dict[str, RequestEntry] = {}
         self.step = StepBatch()
         # Requests whose compaction is due (prefill done, not yet compacted).
@@ -135,6 +134,31 @@ class WorkerCompressionState:
         record = os.environ.get("VLLM_KVZIP_RECORD_KEEP_SETS") == "1"
         self.recorded_keep_sets: dict[str, torch.Tensor] | None = {} if record else None
         self.recorded_scores: dict[str, torch.Tensor] | None = {} if record else None
+
+    def attach_kv_cache(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Check that the layers' caches lie one after another in one buffer, in layer order, and view it whole."""
+        first = kv_caches[self.layer_names[0]]
+        num_blocks = first.shape[0]
+        if tuple(first.shape[1:]) != (self.num_kv_heads, self.block_size, 2 * self.head_size):
+            raise RuntimeError(f"vllm-kvzip: unexpected KV cache shape {tuple(first.shape)}")
+        layer_bytes = first.numel() * first.element_size()
+        for index, name in enumerate(self.layer_names):
+            cache = kv_caches[name]
+            if (
+                cache.shape != first.shape
+                or cache.dtype != first.dtype
+                or not cache.is_contiguous()
+                or cache.data_ptr() != first.data_ptr() + index * layer_bytes
+            ):
+                raise RuntimeError(
+                    f"vllm-kvzip: KV cache of layer {name} is not slice {index} of one shared buffer; "
+                    "cross-layer page packing needs vllm-kvzip's KV cache allocation"
+                )
+        # Layer 0's view, extended over the L slices that follow it in the same storage.
+        whole = first.as_strided((self.num_layers * num_blocks, *first.shape[1:]), first.stride())
+        assert whole.is_contiguous() and whole.data_ptr() == first.data_ptr()
+        self.kv_cache = whole
+        self.num_blocks_per_layer = num_blocks
 
     def load_method_assets(self, model_config) -> None:
         """Per-method data the compressor needs (saved head scores)."""
@@ -223,9 +247,9 @@ class WorkerCompressionState:
         )
         report["ranges"].append((first_block, end_block))
         if entry.retirements == 1:
-            # First folding: what one layer keeps on average (scored kept + dense tail), for the metrics.
+            # First folding: KV entries kept over all (layer, head) pairs (scored kept + dense tail), for the metrics.
             tail = num_tokens - entry.evictable_tokens
-            report["kept_entries"] = round(entry.kept_tokens / self.num_layers) + self.num_kv_heads * tail
+            report["kept_entries"] = entry.kept_tokens + self.num_layers * self.num_kv_heads * tail
         self.total_freed_blocks += end_block - first_block
 
     def take_freed_block_ranges(self) -> dict[str, dict]:
@@ -239,6 +263,13 @@ class WorkerCompressionState:
 
 def install_state(config: KVCompressionConfig, kv_cache_spec, layer_names, vllm_config, device) -> WorkerCompressionState:
     """Build this worker's state from a metadata builder's arguments and make it current."""
+    merged_layers = getattr(kv_cache_spec, "num_layers", len(layer_names))
+    if merged_layers != len(layer_names):
+        # The scheduler sizes head-page containers with the spec's layer count.
+        raise RuntimeError(
+            f"vllm-kvzip: the KV cache spec stands for {merged_layers} layers but the attention group has "
+            f"{len(layer_names)}; KV compression needs every attention layer in one group"
+        )
     state = WorkerCompressionState(
         config=config,
         layer_names=layer_names,

@@ -7,7 +7,9 @@ settings; layers of a model with compression on report it instead of
 admission, preemption and metrics are unchanged) with one addition, in the
 spirit of vLLM's R-SWA gap eviction: once a request's prefill has been
 processed, the blocks between its head-page containers and its dense tail are
-freed (replaced by the null block) -- see `CompressionGeometry`.
+freed (replaced by the null block) -- see `CompressionGeometry`.  Head pages are
+packed across layers (all layers share one KV buffer), so the geometry needs
+the group's layer count, which `KVzipAttentionSpec.merge` records.
 
 The request is compressed at the token count it had when it was (re)admitted:
 its prompt, or prompt plus generated tokens after a preemption (recompute).
@@ -22,7 +24,7 @@ from dataclasses import dataclass, fields, replace
 
 from vllm_kvzip.adapter.kv_cache_api import FullAttentionManager, FullAttentionSpec, register_spec
 from vllm_kvzip.block_manager.geometry import CompressionGeometry
-from vllm_kvzip.config import DEFAULT_VLLM_POLICY, KVCompressionConfig
+from vllm_kvzip.config import KVCompressionConfig
 from vllm_kvzip.metrics import COMPRESSED, CompressionEvent
 
 
@@ -31,6 +33,10 @@ class KVzipAttentionSpec(FullAttentionSpec):
     # The settings as canonical JSON: frozen, hashable and picklable without
     # the plugin (the engine core unpickles specs before loading plugins).
     compression_json: str = "{}"
+    # Attention layers this spec stands for: 1 per layer's own spec, the
+    # group's layer count once vLLM merges a KV cache group (`merge`).  Head
+    # pages are packed across layers, so the manager's geometry needs it.
+    num_layers: int = 1
 
     @property
     def compression(self) -> KVCompressionConfig:
@@ -48,7 +54,7 @@ class KVzipAttentionSpec(FullAttentionSpec):
         settings = {spec.compression_json for spec in specs}
         if len(settings) != 1:
             raise ValueError("all layers of a KV cache group must share one compression setting")
-        return replace(merged, compression_json=settings.pop())
+        return replace(merged, compression_json=settings.pop(), num_layers=sum(spec.num_layers for spec in specs))
 
 
 @dataclass
@@ -121,16 +127,21 @@ class KVzipManager(FullAttentionManager):
             self.total_compressed_requests += 1
             if kept_entries is not None:
                 # The first folding (right after the prefill): one metrics event per request,
-                # with the kept count the worker measured (averaged over layers: they differ here).
+                # with the kept count the worker measured over all (layer, KV head) pairs.
+                pairs = self.num_pairs
                 self._events.append(
                     CompressionEvent(
-                        COMPRESSED, admission_tokens, self.kv_cache_spec.num_kv_heads,
-                        min(kept_entries, admission_tokens * self.kv_cache_spec.num_kv_heads), freed,
+                        COMPRESSED, admission_tokens, pairs, min(kept_entries, admission_tokens * pairs), freed
                     )
                 )
         self.threshold_freed_blocks[request_id] = self.threshold_freed_blocks.get(request_id, 0) + freed
         self.total_freed_blocks += freed
         return freed
+
+    @property
+    def num_pairs(self) -> int:
+        """(layer, KV head) pairs of the group: the unit of the metrics' KV entries."""
+        return self.kv_cache_spec.num_layers * self.kv_cache_spec.num_kv_heads
 
     def geometry_for(self, num_tokens: int, keep_ratio: float) -> CompressionGeometry:
         return CompressionGeometry(
@@ -139,6 +150,8 @@ class KVzipManager(FullAttentionManager):
             window=self.compression.window,
             keep_ratio=keep_ratio,
             num_kv_heads=self.kv_cache_spec.num_kv_heads,
+            num_layers=self.kv_cache_spec.num_layers,
+            policy=self.compression.effective_policy,
             sink_tokens=self.compression.sink_tokens,
         )
 
@@ -153,7 +166,7 @@ class KVzipManager(FullAttentionManager):
         del self._pending[request_id]
         num_tokens, keep_ratio = pending
         if keep_ratio is None:
-            self._events.append(CompressionEvent.opted_out(num_tokens, self.kv_cache_spec.num_kv_heads))
+            self._events.append(CompressionEvent.opted_out(num_tokens, self.num_pairs))
             return
         geometry = self.geometry_for(num_tokens, keep_ratio)
         freed = 0
@@ -164,8 +177,7 @@ class KVzipManager(FullAttentionManager):
         self._compressed[request_id] = CompressionRecord(geometry=geometry, freed_blocks=freed)
         self.total_freed_blocks += freed
         self.total_compressed_requests += 1
-        policy = self.compression.policy or DEFAULT_VLLM_POLICY
-        self._events.append(CompressionEvent.from_geometry(geometry, freed, policy))
+        self._events.append(CompressionEvent.from_geometry(geometry, freed))
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
@@ -189,8 +201,8 @@ class KVzipManager(FullAttentionManager):
         The metrics come from here, not from the worker: this is where blocks
         are really freed (`freed_blocks` is the block pool's own count), and
         the kept token count is known exactly without the worker (the budget
-        policy keeps a fixed count per layer, `CompressionEvent.from_geometry`),
-        so no worker-to-scheduler message is needed.
+        policy keeps a fixed total, `CompressionEvent.from_geometry`), so no
+        worker-to-scheduler message is needed in keep-ratio mode.
         """
         events, self._events = self._events, []
         return events

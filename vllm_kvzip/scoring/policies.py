@@ -61,13 +61,41 @@ def budget(keep_ratio: float, count: int) -> int:
     return int(keep_ratio * count + _FLOOR_EPSILON) if count > 0 else 0
 
 
+def total_keep_count(
+    keep_ratio: float,
+    policy: str,
+    num_layers: int,
+    num_heads: int,
+    num_tokens: int,
+    *,
+    sink_tokens: int = 4,
+    window: int = 128,
+) -> int:
+    """Tokens `keep_by_ratio` keeps over all `num_layers * num_heads` (layer, head) pairs (protected included).
+
+    Fixed before scoring for every policy (how they are split between layers and
+    heads depends on the scores for all but "head"): the scheduler sizes a
+    request's head-page containers with it (`CompressionGeometry`).
+    """
+    if policy not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICY_NAMES)}")
+    protected = min(num_tokens, sink_tokens + window)
+    evictable = num_tokens - protected
+    pairs = num_layers * num_heads
+    if policy == "global":
+        return pairs * protected + budget(keep_ratio, pairs * evictable)
+    return num_layers * layer_keep_count(
+        keep_ratio, policy, num_heads, num_tokens, sink_tokens=sink_tokens, window=window
+    )
+
+
 def layer_keep_count(
     keep_ratio: float, policy: str, num_heads: int, num_tokens: int, *, sink_tokens: int = 4, window: int = 128
 ) -> int:
     """Tokens one layer keeps over its `num_heads` heads with `keep_by_ratio` (protected included).
 
     Known before scoring for every policy but "global" (whose split between
-    layers depends on the scores): the scheduler counts kept tokens with it.
+    layers depends on the scores); `total_keep_count` builds on it.
     """
     if policy not in POLICY_NAMES:
         raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICY_NAMES)}")

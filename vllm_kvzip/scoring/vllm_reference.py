@@ -3,9 +3,11 @@
 vLLM prefills the whole prompt with full attention, samples the first token
 from it, and only then compresses the cache: the newest tokens (a dense tail of
 at least `window` tokens, block aligned) are kept whole, the evictable prefix
-keeps `CompressionGeometry.per_head_budget` tokens per (layer, KV head) under
-the per-layer policy, and decoding attends each KV head's kept tokens plus the
-tail.  `generate_like_vllm` does exactly that with a transformers model, its
+keeps `CompressionGeometry.kept_tokens` tokens over all (layer, KV head) pairs
+under the budget policy (`--kv-compression-policy`, default global), and
+decoding attends each KV head's kept tokens plus the tail.  Threshold mode
+folds the tail under the worker's rules, whose "does this folding free a
+block?" test counts head pages packed across layers (`container_blocks_needed`).  `generate_like_vllm` does exactly that with a transformers model, its
 dense cache turned into vllm_kvzip's ragged per-head cache, so the vLLM path's
 keep-sets and greedy outputs can be checked against it token for token.
 
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
 from vllm_kvzip.block_manager.geometry import CompressionGeometry
-from vllm_kvzip.block_manager.plan import containers_needed
+from vllm_kvzip.block_manager.plan import container_blocks_needed
 from vllm_kvzip.config import KVCompressionConfig, request_keep_ratio, request_uses_threshold
 from vllm_kvzip.scoring.context import context_scores
 from vllm_kvzip.scoring.base import build_scorer
@@ -46,8 +48,6 @@ from vllm_kvzip.scoring.hf import (
 from vllm_kvzip.scoring.kvzap_model import KVzapSurrogate, ModelShape
 from vllm_kvzip.scoring.policies import keep_by_ratio
 from vllm_kvzip.scoring.reconstruction import RepeatPrompt, prompt_reconstruction_chunks
-
-DEFAULT_VLLM_POLICY = "layer"
 
 
 @dataclass
@@ -114,6 +114,8 @@ def generate_like_vllm(
             window=config.window,
             keep_ratio=keep_ratio,
             num_kv_heads=num_kv_heads,
+            num_layers=num_layers,
+            policy=config.effective_policy,
             sink_tokens=config.sink_tokens,
         )
     if geometry is not None and geometry.compresses:
@@ -136,7 +138,7 @@ def generate_like_vllm(
             config, positions, num_layers, num_kv_heads, head_scores=head_scores, recorded_scores=recorded
         )
         kept = keep_by_ratio(
-            scores, keep_ratio, config.policy or DEFAULT_VLLM_POLICY, sink_tokens=config.sink_tokens, window=0
+            scores, keep_ratio, config.effective_policy, sink_tokens=config.sink_tokens, window=0
         ).mask
         tail = torch.ones(num_layers, num_kv_heads, num_tokens - evictable, dtype=torch.bool, device=kept.device)
         keep = torch.cat([kept, tail], dim=-1)
@@ -250,7 +252,7 @@ def _generate_with_folding(
         layer_scores = torch.stack([scores[layer][:, span] for layer in range(num_layers)])
         keep = (layer_scores >= config.threshold) | (span < config.sink_tokens)
         new_kept = kept_len + keep.sum(-1).cpu()
-        needed = containers_needed(new_kept, block_size)
+        needed = container_blocks_needed(new_kept, block_size)
         freed = (end_block - first_block) - (needed - containers)
         if freed <= 0:
             return

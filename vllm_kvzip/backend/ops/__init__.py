@@ -6,7 +6,8 @@ production path) otherwise.  ``use_triton=True`` forces Triton, which on a
 CPU tensor needs ``TRITON_INTERPRET=1`` set before Triton is imported (tests).
 Triton modules are imported lazily so the CPU path works without Triton.
 
-Layout of the cache and of the per-row metadata: see ``reference.py``.
+Layout of the cache (one buffer for all layers, pages packed across layers)
+and of the per-row metadata: see ``reference.py``.
 """
 
 from __future__ import annotations
@@ -60,8 +61,15 @@ def ragged_decode_attention(
     workspace: "RaggedDecodeWorkspace | None" = None,
     use_triton: bool | None = None,
     num_splits: int | None = None,
+    *,
+    layer: int,
+    num_layers: int,
 ) -> torch.Tensor:
-    """Decode attention over ragged pages + dense tail; writes and returns ``out``.
+    """Decode attention of ``layer`` over ragged pages + dense tail; writes and returns ``out``.
+
+    ``kv_cache`` is the whole cache of all ``num_layers`` layers
+    ``[L * NB, H, bs, 2 * head_size]``; ``kept_len`` / ``page_start`` are the
+    layer's ``[rows, H]`` entries (pages numbered over every layer).
 
     Triton when ``use_triton`` (default: ``query.is_cuda``), which needs a
     ``workspace`` (``RaggedDecodeWorkspace``, allocate it once; one is made on
@@ -73,7 +81,8 @@ def ragged_decode_attention(
         use_triton = query.is_cuda
     if not use_triton:
         return ragged_decode_attention_ref(
-            query, kv_cache, block_table, seq_lens, dense_start, kept_len, page_start, scale, out=out
+            query, kv_cache, block_table, seq_lens, dense_start, kept_len, page_start, scale, out=out,
+            layer=layer, num_layers=num_layers,
         )
     from vllm_kvzip.backend.ops.decode_attention import RaggedDecodeWorkspace
     from vllm_kvzip.backend.ops.decode_attention import ragged_decode_attention as triton_decode
@@ -82,7 +91,7 @@ def ragged_decode_attention(
         workspace = RaggedDecodeWorkspace(query.shape[0], query.shape[1], query.shape[2], device=query.device)
     return triton_decode(
         query, kv_cache, block_table, seq_lens, dense_start, kept_len, page_start, scale, out, workspace,
-        num_splits=num_splits,
+        num_splits=num_splits, layer=layer, num_layers=num_layers,
     )
 
 
@@ -92,8 +101,14 @@ def compact_kv(
     dst_slots: torch.Tensor,
     use_triton: bool | None = None,
     scratch: torch.Tensor | None = None,
+    num_staged: int | None = None,
 ) -> torch.Tensor:
     """Move flat token rows ``src_slots[i] -> dst_slots[i]`` in place (overlaps allowed).
+
+    The sources of the first ``num_staged`` moves (default: all) are read
+    before any destination is written, so one call may move rows across layers
+    of the whole cache ``[L * NB, H, bs, 2D]``; the other moves' sources must
+    not be destinations (they are copied directly, without scratch memory).
 
     Triton when ``use_triton`` (default: ``kv_cache.is_cuda``), else the torch
     reference.  Returns ``kv_cache``.
@@ -101,7 +116,7 @@ def compact_kv(
     if use_triton is None:
         use_triton = kv_cache.is_cuda
     if not use_triton:
-        return compact_kv_ref(kv_cache, src_slots, dst_slots)
+        return compact_kv_ref(kv_cache, src_slots, dst_slots, num_staged)
     from vllm_kvzip.backend.ops.compaction import compact_kv as triton_compact
 
-    return triton_compact(kv_cache, src_slots, dst_slots, scratch=scratch)
+    return triton_compact(kv_cache, src_slots, dst_slots, scratch=scratch, num_staged=num_staged)

@@ -1,12 +1,15 @@
 """Triton split-KV decode attention over ragged per-head pages + a dense tail.
 
-Layout (see ``reference.py`` for the full description): one cache tensor per
-layer, ``kv_cache: [num_blocks, H, block_size, 2 * head_size]`` with rows
-``[K | V]``.  KV head ``h`` of request row ``r`` attends over its *virtual
-sequence*: ``kept_len[r, h]`` ragged tokens (token ``j`` in linear page
-``page_start[r, h] + j // block_size``, page ``P`` = block
-``block_table[r, P // H]``, head slot ``P % H``), then the dense tokens at
-logical positions ``[dense_start[r], seq_lens[r])`` in vLLM's normal paging.
+Layout (see ``reference.py`` for the full description): one buffer for all
+``L`` layers, ``kv_cache: [L * NB, H, block_size, 2 * head_size]`` with rows
+``[K | V]``; flat block ``l * NB + b`` is layer ``l``'s share of block ``b``.
+KV head ``h`` of request row ``r`` in layer ``layer`` attends over its
+*virtual sequence*: ``kept_len[r, h]`` ragged tokens (token ``j`` in global
+page ``P = page_start[r, h] + j // block_size``; container ``c = P // H`` is
+flat block ``(c % L) * NB + block_table[r, c // L]``, head slot ``P % H``),
+then the dense tokens at logical positions ``[dense_start[r], seq_lens[r])``
+in vLLM's normal paging, in the layer's own share
+(``layer * NB + block_table[r, p // block_size]``).
 
 Kernel design
 -------------
@@ -116,7 +119,9 @@ def _split_plan(
     return ragged_tiles, total_tiles, tiles_per_split, used_splits
 
 
-@triton.jit
+# The layer's block offset changes from layer to layer: never specialise on it
+# (one compiled kernel serves every layer).
+@triton.jit(do_not_specialize=["layer_block_offset", "num_layers", "num_blocks_per_layer"])
 def _ragged_decode_split_kernel(
     query_ptr,
     kv_cache_ptr,
@@ -132,6 +137,9 @@ def _ragged_decode_split_kernel(
     scale_log2,
     nominal_splits,
     grid_splits,
+    layer_block_offset,
+    num_layers,
+    num_blocks_per_layer,
     query_stride_row,
     query_stride_head,
     out_stride_row,
@@ -204,15 +212,20 @@ def _ragged_decode_split_kernel(
             region_pos = region_tile * TILE + token_offsets
             token_valid = region_pos < region_len
 
-            # Page of each token: ragged linear page P -> (block_table[P // H],
-            # slot P % H); dense logical block p // bs -> (block_table[..], slot
-            # h).  Both regions start page-aligned, so the in-page offset is
-            # region_pos % BLOCK_SIZE in both.
+            # Page of each token: ragged global page P -> container c = P // H
+            # -> (layer share c % L of block_table[c // L], slot P % H); dense
+            # logical block p // bs -> (this layer's share of block_table[..],
+            # slot h).  Both regions start page-aligned, so the in-page offset
+            # is region_pos % BLOCK_SIZE in both.
             page_in_region = region_pos // BLOCK_SIZE
             ragged_page = first_page + page_in_region
-            table_index = tl.where(is_ragged, ragged_page // NUM_KV_HEADS, dense_start // BLOCK_SIZE + page_in_region)
+            container = ragged_page // NUM_KV_HEADS
+            table_index = tl.where(is_ragged, container // num_layers, dense_start // BLOCK_SIZE + page_in_region)
             head_slot = tl.where(is_ragged, ragged_page % NUM_KV_HEADS, kv_head)
-            block = tl.load(block_table_row + table_index, mask=token_valid, other=0).to(tl.int64)
+            share_offset = tl.where(
+                is_ragged, (container % num_layers).to(tl.int64) * num_blocks_per_layer, layer_block_offset
+            )
+            block = tl.load(block_table_row + table_index, mask=token_valid, other=0).to(tl.int64) + share_offset
             token_slot = (block * NUM_KV_HEADS + head_slot) * BLOCK_SIZE + region_pos % BLOCK_SIZE
             key_offsets = token_slot[:, None] * (2 * HEAD_SIZE) + dim_offsets[None, :]
 
@@ -444,7 +457,7 @@ def _check_inputs(
     num_rows, num_q_heads, head_size = query.shape
     num_kv_heads = kv_cache.shape[1]
     if kv_cache.dim() != 4 or kv_cache.shape[3] != 2 * head_size or not kv_cache.is_contiguous():
-        raise ValueError(f"kv_cache must be a contiguous [num_blocks, H, block_size, 2*{head_size}] tensor, got {tuple(kv_cache.shape)}")
+        raise ValueError(f"kv_cache must be a contiguous [L * NB, H, block_size, 2*{head_size}] tensor, got {tuple(kv_cache.shape)}")
     if num_q_heads % num_kv_heads:
         raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if head_size & (head_size - 1) or head_size < 16:
@@ -484,8 +497,11 @@ def ragged_decode_attention(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    *,
+    layer: int,
+    num_layers: int,
 ) -> torch.Tensor:
-    """Decode attention of ``query [num_rows, num_q_heads, head_size]`` into ``out``.
+    """Decode attention of ``query [num_rows, num_q_heads, head_size]`` of ``layer`` into ``out``.
 
     Same semantics as ``reference.ragged_decode_attention_ref``.  ``num_splits``
     overrides the grid's split count (tests use it to force several splits);
@@ -494,6 +510,9 @@ def ragged_decode_attention(
     and needs ``num_rows * num_splits <= workspace.max_partial_slots``.  Returns ``out``.
     """
     _check_inputs(query, kv_cache, block_table, seq_lens, dense_start, kept_len, page_start, out, workspace)
+    if num_layers < 1 or kv_cache.shape[0] % num_layers or not 0 <= layer < num_layers:
+        raise ValueError(f"kv_cache of {kv_cache.shape[0]} blocks is not {num_layers} layers, or layer {layer} is outside them")
+    num_blocks_per_layer = kv_cache.shape[0] // num_layers
     num_rows, num_q_heads, head_size = query.shape
     num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -534,6 +553,9 @@ def ragged_decode_attention(
         float(scale) * LOG2_E,
         nominal_splits,
         grid_splits,
+        layer * num_blocks_per_layer,
+        num_layers,
+        num_blocks_per_layer,
         query.stride(0),
         query.stride(1),
         out.stride(0),

@@ -5,14 +5,16 @@ and they are also the production implementation on the CPU platform, so they
 are vectorised over heads and tokens (Python loops only run over request rows
 and over chunks of a few thousand tokens).
 
-KV cache layout (one tensor per attention layer, "HND")
--------------------------------------------------------
-``kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size]``, contiguous.
-``kv_cache[b, s, t]`` is the row ``[K | V]`` of one token.  A *head page* is a
-``(block b, head slot s)`` pair: ``block_size`` consecutive rows.  With
-``H = num_kv_heads`` and ``bs = block_size``, the flat token-slot index of
-``(block, slot, offset)`` is ``(block * H + slot) * bs + offset`` into
-``kv_cache.view(-1, 2 * head_size)``.
+KV cache layout (one buffer for all layers, "HND")
+--------------------------------------------------
+Every layer's cache is ``[NB, H, bs, 2 * head_size]``, contiguous, and the
+layers lie one after another in one buffer, so the kernels take the whole
+cache as ``kv_cache: [L * NB, H, bs, 2 * head_size]`` (``L = num_layers``):
+*flat block* ``l * NB + b`` is layer ``l``'s share of vLLM's block ``b``.
+``kv_cache[f, s, t]`` is the row ``[K | V]`` of one token; a *head page* is a
+``(flat block f, head slot s)`` pair: ``bs`` consecutive rows.  The flat
+token-slot index of ``(f, s, offset)`` is ``(f * H + s) * bs + offset`` into
+``kv_cache.view(-1, 2 * head_size)``.  A call attends for one ``layer``.
 
 Per request row ``r`` (all int32):
 
@@ -20,12 +22,15 @@ Per request row ``r`` (all int32):
 * ``seq_lens[r]``: logical length, including the current decode token(s).
 * ``dense_start[r]`` (a multiple of ``bs``): the *dense* region holds logical
   positions ``[dense_start, seq_len)``; position ``p`` of KV head ``h`` is at
-  block ``block_table[r, p // bs]``, slot ``h``, offset ``p % bs`` (vLLM's
-  normal layout).
-* ``kept_len[r, h]`` / ``page_start[r, h]``: the *ragged* region of KV head
-  ``h`` keeps ``kept_len`` tokens; its ``j``-th token lives in linear page
-  ``P = page_start + j // bs`` at offset ``j % bs``, and linear page ``P`` is
-  block ``block_table[r, P // H]``, slot ``P % H``.
+  flat block ``layer * NB + block_table[r, p // bs]``, slot ``h``, offset
+  ``p % bs`` (vLLM's normal layout, in the layer's own share).
+* ``kept_len[r, h]`` / ``page_start[r, h]`` (this layer's entries): the
+  *ragged* region of KV head ``h`` keeps ``kept_len`` tokens; its ``j``-th
+  token lives in global page ``P = page_start + j // bs`` at offset ``j % bs``.
+  Pages are numbered over all (layer, head) pairs of the request; page ``P``
+  is in container ``c = P // H``, head slot ``P % H``, and container ``c`` is
+  flat block ``(c % L) * NB + block_table[r, c // L]``: a head's pages may lie
+  in any layer's share of the request's first blocks.
 
 The keys attended by KV head ``h`` form its *virtual sequence*: the ragged
 tokens ``j = 0 .. kept_len - 1`` followed by the dense tokens.  Keys already
@@ -58,6 +63,13 @@ def flat_kv_rows(kv_cache: torch.Tensor) -> torch.Tensor:
     return kv_cache.view(-1, kv_cache.shape[-1])
 
 
+def blocks_per_layer(kv_cache: torch.Tensor, num_layers: int) -> int:
+    """NB of a whole-cache tensor ``[L * NB, H, bs, 2D]``."""
+    if num_layers < 1 or kv_cache.shape[0] % num_layers:
+        raise ValueError(f"kv_cache has {kv_cache.shape[0]} blocks, not a multiple of num_layers {num_layers}")
+    return kv_cache.shape[0] // num_layers
+
+
 def batched_virtual_token_slots(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -67,15 +79,20 @@ def batched_virtual_token_slots(
     block_size: int,
     start: int,
     length: int,
+    *,
+    layer: int,
+    num_layers: int,
+    num_blocks_per_layer: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat slots of virtual positions ``[start, start + length)`` of every (row, KV head).
+    """Flat slots of virtual positions ``[start, start + length)`` of every (row, KV head) of ``layer``.
 
     ``block_table [R, W]``, ``seq_lens / dense_start [R]``, ``kept_len /
-    page_start [R, H]``.  Returns ``(slots [R, H, length] int64, valid [R, H,
-    length] bool, logical_pos [R, H, length] int64)``.  ``logical_pos`` is the
-    logical position of dense tokens and -1 for ragged ones (they precede
-    every query token, so they are always visible).  Invalid entries (past the
-    head's virtual length) hold slot 0 and must be masked by the caller.
+    page_start [R, H]`` (the layer's entries).  Returns ``(slots [R, H, length]
+    int64, valid [R, H, length] bool, logical_pos [R, H, length] int64)``.
+    ``logical_pos`` is the logical position of dense tokens and -1 for ragged
+    ones (they precede every query token, so they are always visible).
+    Invalid entries (past the head's virtual length) hold slot 0 and must be
+    masked by the caller.
     """
     device = block_table.device
     num_rows, num_kv_heads = kept_len.shape
@@ -89,19 +106,22 @@ def batched_virtual_token_slots(
     is_ragged = virtual_pos < kept
     valid = virtual_pos < kept + dense_len
 
-    # Ragged token j = virtual_pos: linear page, then (block, slot) of the page.
+    # Ragged token j = virtual_pos: global page -> container -> (block, layer share, slot).
     linear_page = first_page + virtual_pos // block_size
-    # Dense token: logical position p, vLLM's own paging for head h.
+    container = linear_page // num_kv_heads
+    # Dense token: logical position p, vLLM's own paging for head h in this layer's share.
     logical_pos = row_dense_start + (virtual_pos - kept)
-    table_index = torch.where(is_ragged, linear_page // num_kv_heads, logical_pos // block_size)
+    table_index = torch.where(is_ragged, container // num_layers, logical_pos // block_size)
     table_index = torch.where(valid, table_index, torch.zeros_like(table_index))
     table_index = table_index.clamp_(0, block_table.shape[1] - 1)
     block = block_table.to(torch.int64).gather(1, table_index.view(num_rows, -1)).view(table_index.shape)
+    share = torch.where(is_ragged, container % num_layers, torch.full_like(container, layer))
+    flat_block = share * num_blocks_per_layer + block
     head_slot = torch.where(is_ragged, linear_page % num_kv_heads, heads)
     # Both regions start page-aligned, so the in-page offset is the same formula.
     offset = torch.where(is_ragged, virtual_pos % block_size, logical_pos % block_size)
 
-    slots = (block * num_kv_heads + head_slot) * block_size + offset
+    slots = (flat_block * num_kv_heads + head_slot) * block_size + offset
     slots = torch.where(valid, slots, torch.zeros_like(slots))
     logical_pos = torch.where(is_ragged, torch.full_like(logical_pos, -1), logical_pos)
     return slots, valid, logical_pos
@@ -117,6 +137,10 @@ def virtual_token_slots(
     block_size: int,
     start: int,
     length: int,
+    *,
+    layer: int,
+    num_layers: int,
+    num_blocks_per_layer: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``batched_virtual_token_slots`` for one row: returns ``[H, length]`` tensors."""
     device = block_table_row.device
@@ -131,6 +155,9 @@ def virtual_token_slots(
         block_size,
         start,
         length,
+        layer=layer,
+        num_layers=num_layers,
+        num_blocks_per_layer=num_blocks_per_layer,
     )
     return slots[0], valid[0], logical_pos[0]
 
@@ -143,17 +170,23 @@ def gather_head_kv(
     kept_len_row: torch.Tensor,
     page_start_row: torch.Tensor,
     head: int,
+    *,
+    layer: int,
+    num_layers: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of one KV head of one row, in virtual order, as dense tensors.
+    """Keys and values of one KV head of ``layer`` for one row, in virtual order, as dense tensors.
 
-    Returns ``(keys [n, head_size], values [n, head_size])`` with
-    ``n = kept_len[head] + seq_len - dense_start``, in the cache dtype.
+    ``kv_cache``: the whole cache ``[L * NB, H, bs, 2D]``; ``kept_len_row`` /
+    ``page_start_row``: the layer's ``[H]`` entries.  Returns ``(keys [n,
+    head_size], values [n, head_size])`` with ``n = kept_len[head] + seq_len -
+    dense_start``, in the cache dtype.
     """
     num_kv_heads, block_size, head_size = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3] // 2
     length = int(kept_len_row[head]) + max(int(seq_len) - int(dense_start), 0)
     slots, _, _ = virtual_token_slots(
         block_table_row, int(seq_len), int(dense_start), kept_len_row, page_start_row,
         num_kv_heads, block_size, 0, length,
+        layer=layer, num_layers=num_layers, num_blocks_per_layer=blocks_per_layer(kv_cache, num_layers),
     )
     rows = flat_kv_rows(kv_cache)[slots[head]]
     return rows[:, :head_size], rows[:, head_size:]
@@ -171,8 +204,11 @@ def ragged_attention_ref(
     scale: float,
     out: torch.Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    *,
+    layer: int,
+    num_layers: int,
 ) -> torch.Tensor:
-    """Attention of several query tokens per row over ragged pages + dense tail.
+    """Attention of several query tokens per row over ragged pages + dense tail, for ``layer``.
 
     ``query: [num_tokens, num_q_heads, head_size]``; the query tokens of row
     ``r`` are ``query[query_start_loc[r] : query_start_loc[r + 1]]`` and sit at
@@ -183,9 +219,12 @@ def ragged_attention_ref(
     Returns ``out [num_tokens, num_q_heads, head_size]`` in the query dtype.
     Rows with one query token are batched through
     ``ragged_decode_attention_ref``; the others are processed one by one.
+    ``kv_cache`` is the whole cache ``[L * NB, H, bs, 2D]``, ``kept_len`` /
+    ``page_start`` the layer's ``[rows, H]`` entries.
     """
     num_tokens, num_q_heads, head_size = query.shape
     num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    layer_blocks = blocks_per_layer(kv_cache, num_layers)
     if kv_cache.shape[3] != 2 * head_size:
         raise ValueError(f"kv_cache last dim {kv_cache.shape[3]} != 2 * head_size {2 * head_size}")
     if num_q_heads % num_kv_heads != 0:
@@ -212,6 +251,7 @@ def ragged_attention_ref(
         out[tokens_index] = ragged_decode_attention_ref(
             query[tokens_index], kv_cache, block_table[metadata_index], seq_lens[metadata_index],
             dense_start[metadata_index], kept_len[metadata_index], page_start[metadata_index], scale,
+            layer=layer, num_layers=num_layers,
         )
     batched = set(decode_rows) if len(decode_rows) > 1 else set()
     one_by_one = [row for row in range(num_rows) if row not in batched]
@@ -237,6 +277,7 @@ def ragged_attention_ref(
             slots, valid, logical_pos = virtual_token_slots(
                 block_table[row], seq_len, row_dense_start, kept_len[row], page_start[row],
                 num_kv_heads, block_size, chunk_start, chunk_len,
+                layer=layer, num_layers=num_layers, num_blocks_per_layer=layer_blocks,
             )
             rows = kv_rows[slots].float()  # [H, C, 2D]
             # Zero what lies outside the head's sequence: padding slots may hold
@@ -267,8 +308,11 @@ def ragged_decode_attention_ref(
     scale: float,
     out: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
+    *,
+    layer: int,
+    num_layers: int,
 ) -> torch.Tensor:
-    """Decode attention (one query token per row) over ragged pages + dense tail.
+    """Decode attention (one query token per row) over ragged pages + dense tail, for ``layer``.
 
     ``query: [num_rows, num_q_heads, head_size]``; query head ``qh`` uses KV
     head ``qh // (num_q_heads // num_kv_heads)``.  Every key is visible.  fp32
@@ -292,6 +336,7 @@ def ragged_decode_attention_ref(
     if num_rows == 0:
         return out
     kv_rows = flat_kv_rows(kv_cache)
+    layer_blocks = blocks_per_layer(kv_cache, num_layers)
     seq_lens, dense_start = seq_lens[:num_rows], dense_start[:num_rows]
     kept_len, page_start, block_table = kept_len[:num_rows], page_start[:num_rows], block_table[:num_rows]
 
@@ -308,7 +353,8 @@ def ragged_decode_attention_ref(
     for chunk_start in range(0, max_virtual_len, chunk_tokens):
         chunk_len = min(chunk_tokens, max_virtual_len - chunk_start)
         slots, valid, _ = batched_virtual_token_slots(
-            block_table, seq_lens, dense_start, kept_len, page_start, block_size, chunk_start, chunk_len
+            block_table, seq_lens, dense_start, kept_len, page_start, block_size, chunk_start, chunk_len,
+            layer=layer, num_layers=num_layers, num_blocks_per_layer=layer_blocks,
         )
         rows = kv_rows[slots]  # [R, H, C, 2D] in the cache dtype
         keys = rows[..., :head_size].float()
@@ -349,20 +395,33 @@ def _online_softmax_step(
     return new_max, running_sum, acc
 
 
-def compact_kv_ref(kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> torch.Tensor:
+def compact_kv_ref(
+    kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor, num_staged: int | None = None
+) -> torch.Tensor:
     """Move token rows ``src_slots[i] -> dst_slots[i]`` of the flat cache, in place.
 
-    Every source is read before any destination is written (gather, then
-    scatter), so sources and destinations may overlap, as in an in-place
-    compaction.  ``dst_slots`` must not repeat (a repeated destination gets
-    an unspecified one of its sources).  Rows not named in ``dst_slots`` are
-    left unchanged.  Returns ``kv_cache``.
+    The first ``num_staged`` moves (all of them when None) are staged: their
+    sources are all read before any destination is written (gather, then
+    scatter), so they may overlap the destinations, as in an in-place
+    compaction.  The other moves copy directly; their sources must not be
+    destinations of any move (a compaction reads them from blocks it does not
+    write, so they need no staging memory).  ``dst_slots`` must not repeat (a
+    repeated destination gets an unspecified one of its sources).  Rows not
+    named in ``dst_slots`` are left unchanged.  Returns ``kv_cache``.
     """
     if src_slots.shape != dst_slots.shape or src_slots.dim() != 1:
         raise ValueError(f"src_slots {tuple(src_slots.shape)} and dst_slots {tuple(dst_slots.shape)} must be equal 1-D shapes")
+    num_moves = src_slots.numel()
+    num_staged = num_moves if num_staged is None else num_staged
+    if not 0 <= num_staged <= num_moves:
+        raise ValueError(f"num_staged {num_staged} is outside 0..{num_moves}")
     kv_rows = flat_kv_rows(kv_cache)
-    if src_slots.numel() == 0:
+    if num_moves == 0:
         return kv_cache
-    moved = kv_rows.index_select(0, src_slots.to(device=kv_rows.device, dtype=torch.int64))
-    kv_rows.index_copy_(0, dst_slots.to(device=kv_rows.device, dtype=torch.int64), moved)
+    src = src_slots.to(device=kv_rows.device, dtype=torch.int64)
+    dst = dst_slots.to(device=kv_rows.device, dtype=torch.int64)
+    staged = kv_rows.index_select(0, src[:num_staged])
+    if num_staged < num_moves:
+        kv_rows.index_copy_(0, dst[num_staged:], kv_rows.index_select(0, src[num_staged:]))
+    kv_rows.index_copy_(0, dst[:num_staged], staged)
     return kv_cache

@@ -2,9 +2,10 @@
 
 Llama-3.1-8B-shaped model with random weights (`load_format="dummy"`: speed
 and memory do not depend on weight values), bf16, prefix caching off,
-`ignore_eos`, vLLM 0.26.0 on one GPU.  Every (workload, method) pair runs in
-its own subprocess (one engine per process, the GPU memory returns in
-between), and the parent prints and writes the comparison:
+`ignore_eos`, vLLM 0.26.0 on one GPU.  Every method runs in its own
+subprocess (one engine per process, started once, the workloads in turn; the
+GPU memory returns in between), and the parent prints and writes the
+comparison:
 
     python benchmarks/throughput.py                         # 8k and 32k workloads, every method
     python benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN kvzap-mlp
@@ -108,10 +109,17 @@ def make_surrogate(model_dir: str, folder: Path) -> str:
 
 
 # ---- one engine run (child process) ------------------------------------------------
-def run_point(args: argparse.Namespace) -> dict:
-    from vllm import LLM, SamplingParams, TokensPrompt
+def run_point(args: argparse.Namespace) -> list[dict]:
+    """One engine for `args.method`, every workload of `args.workload` (comma-separated) in turn."""
+    from vllm import LLM
 
-    num_requests, prompt_len, output_len = WORKLOADS[args.workload]
+    if args.dump_stacks_after:
+        import faulthandler
+
+        # Where a slow engine start spends its time (the engine core runs in this process).
+        faulthandler.dump_traceback_later(args.dump_stacks_after, repeat=True)
+    workloads = args.workload.split(",")
+    max_model_len = max(WORKLOADS[w][1] + WORKLOADS[w][2] for w in workloads) + 16
     kwargs = dict(
         model=args.model,
         load_format="dummy",
@@ -119,7 +127,7 @@ def run_point(args: argparse.Namespace) -> dict:
         skip_tokenizer_init=args.method not in RECONSTRUCTION_METHODS,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=False,
-        max_model_len=prompt_len + output_len + 16,
+        max_model_len=max_model_len,
         seed=0,
     )
     if args.method in ("FLASH_ATTN", "TRITON_ATTN"):
@@ -138,9 +146,27 @@ def run_point(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     llm = LLM(**kwargs)
     engine_seconds = time.perf_counter() - started
+    if args.dump_stacks_after:
+        import faulthandler
+
+        faulthandler.cancel_dump_traceback_later()
+    results = []
+    for workload in workloads:
+        result = _run_workload(llm, args, workload)
+        result["engine_start_s"] = engine_seconds
+        result["max_model_len"] = max_model_len
+        results.append(result)
+    return results
+
+
+def _run_workload(llm, args: argparse.Namespace, workload: str) -> dict:
+    from vllm import SamplingParams, TokensPrompt
+
+    num_requests, prompt_len, output_len = WORKLOADS[workload]
     cache_config = llm.llm_engine.vllm_config.cache_config
     num_blocks = cache_config.num_gpu_blocks
     block_size = cache_config.block_size
+    stats_before = _compression_stats(llm, args.method)
 
     import random
 
@@ -162,14 +188,12 @@ def run_point(args: argparse.Namespace) -> dict:
     output_tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
     # vLLM's own admission bound for this pool (uncompressed requests).
     max_concurrency = num_blocks * block_size / (prompt_len + output_len)
-    compression_stats = None
-    if args.method not in ("FLASH_ATTN", "TRITON_ATTN"):
-        from vllm_kvzip.backend.state import worker_compression_stats
-
-        # Totals of the worker (both generate calls): compressed requests, scoring time.
-        compression_stats = llm.collective_rpc(worker_compression_stats)[0]
+    compression_stats = _compression_stats(llm, args.method)
+    if compression_stats is not None:
+        # This workload's share of the worker's totals (both generate calls).
+        compression_stats = _stats_delta(compression_stats, stats_before)
     return {
-        "workload": args.workload,
+        "workload": workload,
         "method": args.method,
         "requests": num_requests,
         "prompt_tokens": prompt_len,
@@ -179,7 +203,6 @@ def run_point(args: argparse.Namespace) -> dict:
         "output_tok_per_s": output_tokens / wall,
         "prefill_requests": args.prefill_requests,
         "prefill_s": prefill_seconds,
-        "engine_start_s": engine_seconds,
         "kv_cache_blocks": num_blocks,
         "block_size": block_size,
         "max_concurrency_uncompressed": max_concurrency,
@@ -187,6 +210,25 @@ def run_point(args: argparse.Namespace) -> dict:
         "threshold": args.threshold if args.method in ("kvzap-threshold", "kvzap-dms") else None,
         "compression_stats": compression_stats,
     }
+
+
+def _compression_stats(llm, method: str) -> dict | None:
+    if method in ("FLASH_ATTN", "TRITON_ATTN"):
+        return None
+    from vllm_kvzip.backend.state import worker_compression_stats
+
+    return llm.collective_rpc(worker_compression_stats)[0]
+
+
+def _stats_delta(after: dict, before: dict | None) -> dict:
+    """Counters of `after` minus `before`; per-request averages recomputed from the differences."""
+    before = before or {}
+    delta = {key: value - before.get(key, 0) if isinstance(value, (int, float)) else value for key, value in after.items()}
+    if "kept_fraction" in delta:
+        delta["kept_fraction"] = delta.get("kept_tokens", 0) / max(1, delta.get("evictable_tokens", 0))
+    if "scoring_ms_per_request" in delta and delta.get("compressed_requests"):
+        delta["scoring_ms_per_request"] = 1000.0 * delta.get("scoring_seconds", 0.0) / delta["compressed_requests"]
+    return delta
 
 
 # ---- parent: run every point, compare ----------------------------------------------
@@ -199,7 +241,9 @@ def main() -> int:
     parser.add_argument("--prefill-requests", type=int, default=16)
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--tag", default="", help="suffix of the output files")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per point")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per method (one engine, every workload)")
+    parser.add_argument("--dump-stacks-after", type=int, default=0,
+                        help="dump every thread's stack every N seconds while the engine starts (diagnosis)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="log-score threshold of kvzap-threshold/-dms")
     # child mode
     parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
@@ -213,39 +257,47 @@ def main() -> int:
         parser.error("kvzip / kvzip-plus need --tokenizer-from FOLDER (a tokenizer with a chat template)")
 
     if args.point:
-        result = run_point(args)
-        Path(args.result_file).write_text(json.dumps(result))
+        results = run_point(args)
+        Path(args.result_file).write_text(json.dumps(results))
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="kvzip-throughput-"))
     model = make_dummy_model(work / "llama-3.1-8b-dummy", args.tokenizer_from)
     surrogate = make_surrogate(model, work / "kvzap-mlp") if any(m.startswith("kvzap") for m in args.methods) else ""
     results = []
-    for workload in args.workloads:
-        for method in args.methods:
-            result_file = work / f"{workload}-{method}.json"
-            command = [
-                sys.executable, __file__, "--point", "--workload", workload, "--method", method, "--model", model,
-                "--surrogate", surrogate, "--result-file", str(result_file),
-                "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-                "--prefill-requests", str(args.prefill_requests), "--threshold", str(args.threshold),
-            ]
-            print(f"== {workload} / {method}", flush=True)
-            started = time.perf_counter()
-            try:
-                completed = subprocess.run(command, timeout=args.timeout, capture_output=True, text=True)
-                failed = completed.returncode != 0
-                log_tail = (completed.stdout + completed.stderr)[-4000:]
-            except subprocess.TimeoutExpired as exc:
-                failed, log_tail = True, f"timed out after {args.timeout} s\n" + str(exc.stdout or "")[-2000:]
-            if failed or not result_file.exists():
-                print(f"   FAILED after {time.perf_counter() - started:.0f} s\n{log_tail}", flush=True)
-                results.append({"workload": workload, "method": method, "error": log_tail[-1500:]})
-                continue
-            result = json.loads(result_file.read_text())
+    # One engine per method (its start is paid once), every workload in it, in turn.
+    for method in args.methods:
+        result_file = work / f"{method}.json"
+        command = [
+            sys.executable, __file__, "--point", "--workload", ",".join(args.workloads), "--method", method,
+            "--model", model, "--surrogate", surrogate, "--result-file", str(result_file),
+            "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+            "--prefill-requests", str(args.prefill_requests), "--threshold", str(args.threshold),
+            "--dump-stacks-after", str(args.dump_stacks_after),
+        ]
+        print(f"== {method}: {', '.join(args.workloads)}", flush=True)
+        started = time.perf_counter()
+        env = dict(os.environ)
+        if args.dump_stacks_after:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the stack dumps then cover the engine core
+        try:
+            completed = subprocess.run(command, timeout=args.timeout, capture_output=True, text=True, env=env)
+            failed = completed.returncode != 0
+            log_tail = (completed.stdout + completed.stderr)[-6000:]
+        except subprocess.TimeoutExpired as exc:
+            output = exc.stdout or b""
+            output = output.decode(errors="replace") if isinstance(output, bytes) else output
+            errors = exc.stderr or b""
+            errors = errors.decode(errors="replace") if isinstance(errors, bytes) else errors
+            failed, log_tail = True, f"timed out after {args.timeout} s\n" + (output + errors)[-6000:]
+        if failed or not result_file.exists():
+            print(f"   FAILED after {time.perf_counter() - started:.0f} s\n{log_tail}", flush=True)
+            results.extend({"workload": workload, "method": method, "error": log_tail[-3000:]} for workload in args.workloads)
+            continue
+        for result in json.loads(result_file.read_text()):
             results.append(result)
-            print(f"   {result['output_tok_per_s']:.0f} output tok/s, wall {result['wall_s']:.1f} s, prefill "
-                  f"{result['prefill_s']:.1f} s", flush=True)
+            print(f"   {result['workload']}: {result['output_tok_per_s']:.0f} output tok/s, wall {result['wall_s']:.1f} s, "
+                  f"prefill {result['prefill_s']:.1f} s, engine start {result['engine_start_s']:.0f} s", flush=True)
             if (result.get("compression_stats") or {}).get("scoring_seconds"):
                 stats = result["compression_stats"]
                 print(f"   scoring pass: {stats['scoring_ms_per_request']:.0f} ms per request "

@@ -1,18 +1,22 @@
 """KVzap inside vLLM: surrogate scores computed during the normal forward pass.
 
 A forward pre-hook on every decoder layer's attention module (`self_attn`,
-which receives the post-input_layernorm hidden states) runs that layer's
-KVzap surrogate on the step's tokens and records the predicted log-scores in
-a per-layer *score cache* laid out like the KV cache (`[num_blocks, H, bs]`,
+which receives the post-input_layernorm hidden states) hands the step's
+hidden states to the custom op `vllm_kvzip::kvzap_score_and_record`, which
+runs that layer's KVzap surrogate and records the predicted log-scores in a
+per-layer *score cache* laid out like the KV cache (`[num_blocks, H, bs]`,
 flat index `(block * H + head) * bs + offset`), at the tokens' KV slots.  No
 extra forward pass; the compressor later reads the scores of a request's
 context from its blocks.
 
-The write goes through the custom op `vllm_kvzip::record_kvzap_scores`, which
-looks the slot mapping up in vLLM's forward context by layer name (as vLLM's
-own attention op does), so it is opaque to torch.compile, and is declared as
-mutating its `marker` argument so the compiler keeps it.  Its kernels are
-captured by CUDA graphs with the persistent slot-mapping buffer.
+Why one opaque op for both the surrogate and the write: the surrogate's
+weights are not parameters of vLLM's model, so torch.compile would have to
+trace them as constants of every compiled piece (and Inductor bakes
+constants into its generated code); inside the op, Dynamo and Inductor see
+one call per layer and nothing else.  The op looks the slot mapping up in
+vLLM's forward context by layer name (as vLLM's own attention op does) and
+is declared as mutating its `marker` argument so the compiler keeps it.  Its
+kernels are captured by CUDA graphs with the persistent slot-mapping buffer.
 """
 
 from __future__ import annotations
@@ -48,9 +52,13 @@ def attention_module_names(layer_names: list[str]) -> list[str]:
     return [name.rsplit(".", 1)[0] for name in layer_names]
 
 
-@torch.library.custom_op("vllm_kvzip::record_kvzap_scores", mutates_args=("marker",))
-def record_kvzap_scores(scores: torch.Tensor, marker: torch.Tensor, layer_name: str) -> None:
-    """Write `scores [num_tokens, H]` into the layer's score cache at the tokens' KV slots."""
+# Surrogate layer per attention layer name, installed by KVzapRecorder in the worker.
+_SURROGATE_LAYERS: dict[str, torch.nn.Module] = {}
+
+
+@torch.library.custom_op("vllm_kvzip::kvzap_score_and_record", mutates_args=("marker",))
+def kvzap_score_and_record(hidden_states: torch.Tensor, marker: torch.Tensor, layer_name: str) -> None:
+    """Score `hidden_states [num_tokens, hidden]` with the layer's surrogate; record them at the KV slots."""
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
     from vllm_kvzip.backend.state import get_state
@@ -61,22 +69,29 @@ def record_kvzap_scores(scores: torch.Tensor, marker: torch.Tensor, layer_name: 
     slot_mappings = get_forward_context().slot_mapping
     slot_mapping = slot_mappings.get(layer_name) if isinstance(slot_mappings, dict) else None
     cache = state.score_caches.get(layer_name)
-    if slot_mapping is None or cache is None:
+    surrogate_layer = _SURROGATE_LAYERS.get(layer_name)
+    if slot_mapping is None or cache is None or surrogate_layer is None:
         return  # profiling / dummy run: nothing to record
     num_tokens = slot_mapping.shape[0]
+    scores = surrogate_layer(hidden_states[:num_tokens])
+    record_scores(cache, scores, slot_mapping, state.num_kv_heads, state.block_size)
+
+
+@kvzap_score_and_record.register_fake
+def _(hidden_states, marker, layer_name):
+    return None
+
+
+def record_scores(cache: torch.Tensor, scores: torch.Tensor, slot_mapping: torch.Tensor, heads: int, block_size: int) -> None:
+    """Write `scores [num_tokens, H]` into a score cache at the tokens' KV slots (slot -1: padding)."""
+    num_tokens = slot_mapping.shape[0]
     slots = slot_mapping.to(torch.int64)
-    heads = state.num_kv_heads
-    bs = state.block_size
-    index = ((slots // bs)[:, None] * heads + torch.arange(heads, device=slots.device)[None, :]) * bs + (slots % bs)[:, None]
+    head_index = torch.arange(heads, device=slots.device)[None, :]
+    index = ((slots // block_size)[:, None] * heads + head_index) * block_size + (slots % block_size)[:, None]
     # Padding tokens (slot -1) write to the trash entries after the cache.
-    trash = cache.numel() - heads + torch.arange(heads, device=slots.device)[None, :]
+    trash = cache.numel() - heads + head_index
     index = torch.where(slots[:, None] >= 0, index, trash)
     cache.view(-1).index_copy_(0, index.reshape(-1), scores[:num_tokens].reshape(-1).to(cache.dtype))
-
-
-@record_kvzap_scores.register_fake
-def _(scores, marker, layer_name):
-    return None
 
 
 class KVzapRecorder:
@@ -91,19 +106,19 @@ class KVzapRecorder:
             module = _find_module(modules, module_name)
             marker = torch.zeros(1, device=device)
             self.markers[layer_name] = marker
-            module.register_forward_pre_hook(self._hook(index, layer_name, marker), with_kwargs=True)
+            _SURROGATE_LAYERS[layer_name] = self.surrogate.layers[index]
+            module.register_forward_pre_hook(self._hook(layer_name, marker), with_kwargs=True)
 
-    def _hook(self, index: int, layer_name: str, marker: torch.Tensor):
-        layer = self.surrogate.layers[index]
-
+    @staticmethod
+    def _hook(layer_name: str, marker: torch.Tensor):
         def hook(module, args, kwargs):
             hidden_states = kwargs.get("hidden_states")
             if hidden_states is None and len(args) >= 2:
                 hidden_states = args[1]  # forward(positions, hidden_states)
             if hidden_states is None:
                 raise RuntimeError(f"vllm-kvzip: {type(module).__name__}.forward got no hidden_states")
-            scores = layer(hidden_states.reshape(-1, hidden_states.shape[-1]))
-            torch.ops.vllm_kvzip.record_kvzap_scores(scores, marker, layer_name)
+            hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+            torch.ops.vllm_kvzip.kvzap_score_and_record(hidden_states, marker, layer_name)
             return None
 
         return hook

@@ -215,6 +215,8 @@ class WorkerCompressionState:
         return {
             "method": self.config.method,
             "compressed_requests": self.total_compressed,
+            "kept_tokens": self.total_kept_tokens,
+            "evictable_tokens": self.total_evictable_tokens,
             "kept_fraction": self.total_kept_tokens / max(1, self.total_evictable_tokens),
             "freed_blocks": self.total_freed_blocks,
             "decode_foldings": self.total_retirements,

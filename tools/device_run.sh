@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# GPU-machine steps of a device session (see ../shared/device/README.md for staging).
+#   bash tools/device_run.sh install     # after `.device/p2/stage.sh`: the plugin, editable
+#   bash tools/device_run.sh gguf_a      # keep the first half of the embedded model's GGUF in /tmp
+#   bash tools/device_run.sh model       # join the halves, convert to an HF folder (~/.cache/vllm_kvzip)
+# Results go under $OUT (the device tool brings them back).
+set -uo pipefail
+source /tmp/site/env.sh || exit 3
+export PYTHONPATH=$PWD
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+case "$1" in
+  install)
+    PIP_NO_INDEX=1 PIP_NO_BUILD_ISOLATION=0 python3 -m pip install -q --no-deps -e . 2>&1 | tail -3
+    python3 -c "import vllm_kvzip, vllm; print('vllm', vllm.__version__)";;
+  gguf_a)
+    cp .device/gguf_a/part /tmp/gguf.part00 && ls -l /tmp/gguf.part00;;
+  model)
+    cat /tmp/gguf.part00 .device/gguf_b/part > /tmp/smollm2.gguf && sha256sum /tmp/smollm2.gguf | cut -c1-16
+    python3 -m vllm_kvzip.models --gguf /tmp/smollm2.gguf;;
+  diag)
+    # KVzap engine start (compiled, CUDA graphs), stacks dumped if it is slow; then the kernels.
+    timeout 250 python3 benchmarks/throughput.py --workloads smoke --methods kvzap-mlp --timeout 230 \
+        --dump-stacks-after 170 --out-dir "$OUT" --tag smoke > "$OUT/kvzap_smoke.txt" 2>&1
+    tail -30 "$OUT/kvzap_smoke.txt"
+    timeout 130 python3 benchmarks/decode_kernel.py --quick --out-dir "$OUT" > "$OUT/decode_kernel.txt" 2>&1
+    tail -25 "$OUT/decode_kernel.txt"
+    timeout "${KERNEL_TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/kernels > "$OUT/kernel_tests.txt" 2>&1
+    tail -8 "$OUT/kernel_tests.txt";;
+  *) echo "unknown step $1"; exit 2;;
+esac

@@ -68,6 +68,8 @@ WORKLOADS = {
     "smoke": (4, 600, 16),
     # Long generations (issue: decode-time eviction): the KV grows while decoding.
     "long": (128, 512, 8192),
+    # The same at half the output length (fits one 10-minute device call with two engines).
+    "long-4k": (128, 512, 4096),
     "long-smoke": (4, 256, 600),
 }
 # kvzap-threshold: KVzap-MLP in threshold mode (prefill only); kvzap-dms: the same with

@@ -6,7 +6,7 @@
 # Results go under $OUT (the device tool brings them back).
 set -uo pipefail
 source /tmp/site/env.sh || exit 3
-export PYTHONPATH=$PWD
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 case "$1" in
   install)
@@ -26,5 +26,16 @@ case "$1" in
     tail -25 "$OUT/decode_kernel.txt"
     timeout "${KERNEL_TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/kernels > "$OUT/kernel_tests.txt" 2>&1
     tail -8 "$OUT/kernel_tests.txt";;
+  throughput)  # issue 5: 8k and 32k, FLASH_ATTN vs kvzap-mlp (keep 0.25), one engine per method
+    python3 benchmarks/throughput.py --workloads 8k 32k --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
+        --timeout 290 --out-dir "$OUT" > "$OUT/throughput.txt" 2>&1; tail -12 "$OUT/throughput.txt";;
+  gputests)  # real weights: FLASH_ATTN equality, KVzip on CUDA with graphs, the kernels
+    timeout 330 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_kvzip.py \
+        > "$OUT/gpu_tests.txt" 2>&1; tail -15 "$OUT/gpu_tests.txt"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels > "$OUT/kernel_tests.txt" 2>&1
+    tail -6 "$OUT/kernel_tests.txt";;
+  long)  # issue 6: long generations, decode-time eviction vs FLASH_ATTN
+    python3 benchmarks/throughput.py --workloads long-4k --methods FLASH_ATTN kvzap-dms --prefill-requests 8 \
+        --timeout 280 --out-dir "$OUT" > "$OUT/long.txt" 2>&1; tail -12 "$OUT/long.txt";;
   *) echo "unknown step $1"; exit 2;;
 esac

@@ -130,16 +130,18 @@ def repeat_attention(
     if max_logits is None and _flash_available(queries, keys, values):
         group = num_heads // keys.shape[1]
         try:
-            out = _attend_blocks(queries, keys, values, context_len, num_queries, scale)
+            with fused_kernels_only():
+                out = _attend_blocks(queries, keys, values, context_len, num_queries, scale)
             ATTENTION_PATHS["fused"] += 1
             return out
         except RuntimeError as exc:  # a flash kernel that takes no GQA through this call
             _warn_once(f"vllm-kvzip: fused GQA reconstruction attention failed ({exc}); repeating K/V heads")
         try:  # K/V repeated per query head: context x Hq x d more memory, still one flash kernel
-            out = _attend_blocks(
-                queries, keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1),
-                context_len, num_queries, scale,
-            )
+            with fused_kernels_only():
+                out = _attend_blocks(
+                    queries, keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1),
+                    context_len, num_queries, scale,
+                )
             ATTENTION_PATHS["fused-repeated"] += 1
             return out
         except RuntimeError as exc:
@@ -171,15 +173,23 @@ def _attend_blocks(queries: Tensor, keys: Tensor, values: Tensor, context_len: i
 
 
 def _flash_available(queries: Tensor, keys: Tensor, values: Tensor) -> bool:
-    """Whether SDPA runs a lower-right causal call as one flash kernel (no materialised logits)."""
-    if not queries.is_cuda or queries.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    try:
-        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+    """Whether to try the fused path: CUDA in half precision.
 
-        return bool(can_use_flash_attention(SDPAParams(queries, keys, values, None, 0.0, True, True), False))
-    except (ImportError, RuntimeError, TypeError):
-        return False
+    The fused calls run under `fused_kernels_only()`, so SDPA either picks a
+    kernel that never materialises the logits (flash or memory-efficient) or
+    raises, and the caller falls back to bounded query blocks.  (Asking
+    `can_use_flash_attention` up front is brittle: on torch 2.11 / H100 the
+    check came out negative for this call, and every pass took the slower
+    bounded blocks.)
+    """
+    return queries.is_cuda and queries.dtype in (torch.float16, torch.bfloat16)
+
+
+def fused_kernels_only():
+    """SDPA restricted to the kernels that never hold a [q, T] logits matrix."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
 
 
 _warned: set[str] = set()

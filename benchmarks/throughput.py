@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,7 @@ def run_point(args: argparse.Namespace) -> list[dict]:
         enable_prefix_caching=False,
         max_model_len=max_model_len,
         seed=0,
+        disable_log_stats=False,  # vLLM's 10-second stats lines (running / waiting, KV usage) in the log
     )
     if args.method in ("FLASH_ATTN", "TRITON_ATTN"):
         kwargs["attention_backend"] = args.method
@@ -266,6 +268,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kvzip-throughput-"))
     model = make_dummy_model(work / "llama-3.1-8b-dummy", args.tokenizer_from)
     surrogate = make_surrogate(model, work / "kvzap-mlp") if any(m.startswith("kvzap") for m in args.methods) else ""
+    out_dir = Path(args.out_dir)
+    long_only = all(workload.startswith("long") for workload in args.workloads)
+    stem = ("long_generation" if long_only else "throughput") + (f"_{args.tag}" if args.tag else "")
+    log_dir = out_dir / "logs"  # each engine's whole log (git-ignored)
+    log_dir.mkdir(parents=True, exist_ok=True)
     results = []
     # One engine per method (its start is paid once), every workload in it, in turn.
     for method in args.methods:
@@ -282,16 +289,18 @@ def main() -> int:
         env = dict(os.environ)
         if args.dump_stacks_after:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the stack dumps then cover the engine core
+        log_path = log_dir / f"{stem}_{method}.log"
         try:
-            completed = subprocess.run(command, timeout=args.timeout, capture_output=True, text=True, env=env)
-            failed = completed.returncode != 0
-            log_tail = (completed.stdout + completed.stderr)[-6000:]
-        except subprocess.TimeoutExpired as exc:
-            output = exc.stdout or b""
-            output = output.decode(errors="replace") if isinstance(output, bytes) else output
-            errors = exc.stderr or b""
-            errors = errors.decode(errors="replace") if isinstance(errors, bytes) else errors
-            failed, log_tail = True, f"timed out after {args.timeout} s\n" + (output + errors)[-6000:]
+            with open(log_path, "w") as log:
+                # Own process group: on a timeout vLLM's engine-core process goes too (GPU memory back).
+                child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                failed = child.wait(timeout=args.timeout) != 0
+        except subprocess.TimeoutExpired:
+            failed = True
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            print(f"   timed out after {args.timeout} s", flush=True)
+        log_tail = log_path.read_text(errors="replace")[-6000:]
         if failed or not result_file.exists():
             print(f"   FAILED after {time.perf_counter() - started:.0f} s\n{log_tail}", flush=True)
             results.extend({"workload": workload, "method": method, "error": log_tail[-3000:]} for workload in args.workloads)
@@ -321,10 +330,6 @@ def main() -> int:
         print(f"{result['workload']:8} {result['method']:12} {result['output_tok_per_s']:10.0f} "
               f"{result.get('speedup', float('nan')):8.2f} {result.get('prefill_ratio_vs_flash_attn', float('nan')):9.3f}")
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    long_only = all(workload.startswith("long") for workload in args.workloads)
-    stem = ("long_generation" if long_only else "throughput") + (f"_{args.tag}" if args.tag else "")
     payload = {
         "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
         "model": "Llama-3.1-8B config, dummy weights, bf16",

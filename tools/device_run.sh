@@ -29,6 +29,10 @@ case "$1" in
   throughput)  # issue 5: 8k and 32k, FLASH_ATTN vs kvzap-mlp (keep 0.25), one engine per method
     python3 benchmarks/throughput.py --workloads 8k 32k --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
         --timeout 290 --out-dir "$OUT" > "$OUT/throughput.txt" 2>&1; tail -12 "$OUT/throughput.txt";;
+  throughput8k)  # issue 5, 8k only: FLASH_ATTN vs kvzap-mlp (keep 0.25); engine logs under $OUT/logs
+    python3 benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
+        --timeout "${METHOD_TIMEOUT:-330}" --out-dir "$OUT" > "$OUT/throughput.txt" 2>&1; tail -12 "$OUT/throughput.txt"
+    grep -h "vllm-kvzip\|Engine 000" "$OUT"/logs/*kvzap* | tail -30 | cut -c1-300;;
   gputests)  # real weights: FLASH_ATTN equality, KVzip on CUDA with graphs, the kernels
     timeout 330 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_kvzip.py \
         > "$OUT/gpu_tests.txt" 2>&1; tail -15 "$OUT/gpu_tests.txt"

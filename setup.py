@@ -35,7 +35,21 @@ def _cuda_extensions():
         sources=sources,
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-gencode=arch=compute_90,code=sm_90"]},
     )
-    return [extension], {"build_ext": BuildExtension}
+
+    class OptionalBuildExtension(BuildExtension):
+        """The CUDA kernels are optional (Triton is the default and the fallback): a failed
+        build warns loudly and installs the package without them, rather than failing the install."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # compiler or toolkit problems on this machine
+                print(
+                    f"WARNING: vllm-kvzip: building {ext.name} failed ({exc}); installing without the CUDA kernels "
+                    "(VLLM_KVZIP_COMPACTION_KERNEL=cuda will then be refused at startup)"
+                )
+
+    return [extension], {"build_ext": OptionalBuildExtension}
 
 
 ext_modules, cmdclass = _cuda_extensions()

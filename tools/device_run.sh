@@ -3,6 +3,7 @@
 #   bash tools/device_run.sh install     # after `.device/p2/stage.sh`: the plugin, editable
 #   bash tools/device_run.sh gguf_a      # keep the first half of the embedded model's GGUF in /tmp
 #   bash tools/device_run.sh model       # join the halves, convert to an HF folder (~/.cache/vllm_kvzip)
+#   (the halves come from `bash tools/split_gguf.sh`, run here before the session)
 # Results go under $OUT (the device tool brings them back).
 set -uo pipefail
 source /tmp/site/env.sh || exit 3
@@ -10,7 +11,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 case "$1" in
   install)
-    PIP_NO_INDEX=1 PIP_NO_BUILD_ISOLATION=0 python3 -m pip install -q --no-deps -e . 2>&1 | tail -3
+    # The CUDA kernels are built by the `cuda` step (a minute of nvcc), not on every install.
+    VLLM_KVZIP_NO_CUDA=1 PIP_NO_INDEX=1 PIP_NO_BUILD_ISOLATION=0 python3 -m pip install -q --no-deps -e . 2>&1 | tail -3
     python3 -c "import vllm_kvzip, vllm; print('vllm', vllm.__version__)";;
   gguf_a)
     cp .device/gguf_a/part /tmp/gguf.part00 && ls -l /tmp/gguf.part00;;
@@ -33,6 +35,10 @@ case "$1" in
     python3 benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
         --timeout "${METHOD_TIMEOUT:-330}" --out-dir "$OUT" > "$OUT/throughput.txt" 2>&1; tail -12 "$OUT/throughput.txt"
     grep -h "vllm-kvzip\|Engine 000" "$OUT"/logs/*kvzap* | tail -30 | cut -c1-300;;
+  cuda)  # build csrc/ in place, test the CUDA compaction against the reference, time it against Triton
+    timeout 240 python3 setup.py build_ext --inplace > "$OUT/cuda_build.txt" 2>&1; tail -3 "$OUT/cuda_build.txt"
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_compaction_cuda.py -rs 2>&1 | tail -4
+    timeout 150 python3 benchmarks/compaction_kernel.py --out-dir "$OUT" 2>&1 | tail -12;;
   gputests)  # real weights: FLASH_ATTN equality, KVzip on CUDA with graphs, the kernels
     timeout 330 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_kvzip.py \
         > "$OUT/gpu_tests.txt" 2>&1; tail -15 "$OUT/gpu_tests.txt"

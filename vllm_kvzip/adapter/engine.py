@@ -143,6 +143,13 @@ def validate_engine_config(vllm_config: Any, config: KVCompressionConfig) -> Non
             f"(--max-model-len {max_model_len}); valid values: 0..{max_model_len - 1}"
         )
     _check_method_assets(config, model_config)
+    if getattr(getattr(vllm_config, "device_config", None), "device_type", None) == "cuda":
+        from vllm_kvzip.backend.ops.cuda_ops import compaction_kernel
+
+        try:
+            compaction_kernel()  # a bad VLLM_KVZIP_COMPACTION_KERNEL fails here, not at the first compaction
+        except (ValueError, RuntimeError) as exc:
+            raise KVCompressionConfigError(f"vllm-kvzip: {exc}") from None
     if config.is_reconstruction:
         _check_reconstruction(config, vllm_config)
     if config.is_observation:

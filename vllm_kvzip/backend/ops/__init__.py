@@ -111,12 +111,19 @@ def compact_kv(
     not be destinations (they are copied directly, without scratch memory).
 
     Triton when ``use_triton`` (default: ``kv_cache.is_cuda``), else the torch
-    reference.  Returns ``kv_cache``.
+    reference; on CUDA caches ``VLLM_KVZIP_COMPACTION_KERNEL=cuda`` selects the
+    CUDA kernel of csrc/ instead of Triton (``cuda_ops.compaction_kernel``).
+    Returns ``kv_cache``.
     """
     if use_triton is None:
         use_triton = kv_cache.is_cuda
     if not use_triton:
         return compact_kv_ref(kv_cache, src_slots, dst_slots, num_staged)
+    if kv_cache.is_cuda:
+        from vllm_kvzip.backend.ops.cuda_ops import compact_kv_cuda, compaction_kernel
+
+        if compaction_kernel() == "cuda":
+            return compact_kv_cuda(kv_cache, src_slots, dst_slots, scratch=scratch, num_staged=num_staged)
     from vllm_kvzip.backend.ops.compaction import compact_kv as triton_compact
 
     return triton_compact(kv_cache, src_slots, dst_slots, scratch=scratch, num_staged=num_staged)

@@ -27,6 +27,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped on CPU machines with the reason")
 
 
+def close_engine(llm) -> None:
+    """Shut an in-process engine down: `del llm` alone keeps its ~2 GB (model, KV pool, threads)
+    alive for the rest of the session, and CI's 24 GB hold only so many of them."""
+    import gc
+
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None and hasattr(engine_core, "shutdown"):
+        engine_core.shutdown()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def embedded_model() -> str:
     """Folder of the converted SmolLM2-135M-Instruct (converted once per cache)."""

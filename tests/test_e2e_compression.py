@@ -14,6 +14,8 @@ tokens and the same output tokens.
 from __future__ import annotations
 
 import pytest
+
+from tests.conftest import close_engine
 import torch
 
 from vllm_kvzip.block_manager.geometry import CompressionGeometry, cdiv
@@ -55,7 +57,7 @@ def engine(embedded_model, surrogate_dir):
         additional_config={"kv_compression": {**SETTINGS, "surrogate": surrogate_dir}},
     )
     yield llm
-    del llm
+    close_engine(llm)
 
 
 @pytest.fixture(scope="module")

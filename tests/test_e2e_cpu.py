@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import close_engine
+
 PROFILE = (
     "Profile: My name is Ana. I live in Porto. I have a cat named Whiskers and a dog named Rex. "
     "I work as a nurse.\n\nQuestion: What is my cat's name? Answer with the name only."
@@ -21,4 +23,4 @@ def test_vllm_on_cpu_answers_about_the_profile(embedded_model):
         assert "Whiskers" in answer, answer
         assert outputs[0].outputs[0].finish_reason == "stop"  # stops at <|im_end|>
     finally:
-        del llm
+        close_engine(llm)

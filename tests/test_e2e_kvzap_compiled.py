@@ -11,6 +11,8 @@ the transformers oracle's, as in tests/test_e2e_compression.py.
 from __future__ import annotations
 
 import pytest
+
+from tests.conftest import close_engine
 import torch
 
 from tests.test_e2e_compression import BLOCK_SIZE, MAX_TOKENS, _prompts
@@ -47,7 +49,7 @@ def compiled_engine(embedded_model, surrogate_dir):
         additional_config={"kv_compression": {**SETTINGS, "surrogate": surrogate_dir}},
     )
     yield llm
-    del llm
+    close_engine(llm)
 
 
 def test_compiled_engine_records_the_eager_scores(compiled_engine, embedded_model, surrogate_dir):

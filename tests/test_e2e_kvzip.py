@@ -14,6 +14,8 @@ exactly the blocks the geometry predicts.
 from __future__ import annotations
 
 import pytest
+
+from tests.conftest import close_engine
 import torch
 
 from vllm_kvzip.block_manager.geometry import CompressionGeometry, cdiv
@@ -50,7 +52,7 @@ def engine(embedded_model, method):
         additional_config={"kv_compression": {"method": method, **SETTINGS}},
     )
     yield llm
-    del llm
+    close_engine(llm)
 
 
 @pytest.fixture(scope="module")

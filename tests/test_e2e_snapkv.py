@@ -16,6 +16,8 @@ blocks the geometry predicts.
 from __future__ import annotations
 
 import pytest
+
+from tests.conftest import close_engine
 import torch
 
 from vllm_kvzip.block_manager.geometry import CompressionGeometry, cdiv
@@ -46,7 +48,7 @@ def engine(embedded_model):
         additional_config={"kv_compression": SETTINGS},
     )
     yield llm
-    del llm
+    close_engine(llm)
 
 
 @pytest.fixture(scope="module")

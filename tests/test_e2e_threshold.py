@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import close_engine
 import torch
 
 import vllm_kvzip
@@ -45,7 +47,7 @@ def engine(embedded_model):
         additional_config={"kv_compression": SETTINGS},
     )
     yield llm
-    del llm
+    close_engine(llm)
 
 
 def _prompt(engine, task: str, seed: int, budget: int = 700) -> list[int]:

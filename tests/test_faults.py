@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.conftest import close_engine
+
 from vllm_kvzip.eval.synthetic import make_example
 
 BLOCK_SIZE = 16
@@ -54,7 +56,7 @@ def engine(embedded_model):
         additional_config={"kv_compression": SETTINGS},
     )
     yield llm
-    del llm
+    close_engine(llm)
 
 
 def _scheduler(engine):

@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--tag", default="", help="suffix of the output files (quality_vllm_TAG.json)")
     parser.add_argument("--engine-method", default=None, help=argparse.SUPPRESS)  # child process: one engine
     parser.add_argument("--engine-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "records": [record for result in engine_results for record in result["records"]],
     }
-    stem = "quality_vllm_quick" if args.quick else "quality_vllm"
+    stem = ("quality_vllm_quick" if args.quick else "quality_vllm") + (f"_{args.tag}" if args.tag else "")
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(summary, settings["ratios"], out_dir / f"{stem}.png", settings)
     print(table(summary, settings["ratios"]))

@@ -110,7 +110,7 @@ def main() -> int:
             points.append(point)
             print(f"{context:8d} {keep_ratio:5.2f} {moves:9d} {triton_us:10.1f} {cuda_us:9.1f} "
                   f"{point['cuda_over_triton']:11.3f} {point['cuda_bandwidth_fraction']:8.3f}")
-            del cache, scratch
+            cache = scratch = expected = trial = None  # free the pool before the next point
             torch.cuda.empty_cache()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

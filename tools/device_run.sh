@@ -33,7 +33,7 @@ case "$1" in
         --timeout 290 --out-dir "$OUT" > "$OUT/throughput.txt" 2>&1; tail -12 "$OUT/throughput.txt";;
   throughput8k)  # issue 5, 8k only: FLASH_ATTN vs kvzap-mlp (keep 0.25); engine logs under $OUT/logs
     python3 benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
-        --timeout "${METHOD_TIMEOUT:-330}" --out-dir "$OUT" > "$OUT/throughput.txt" 2>&1; tail -12 "$OUT/throughput.txt"
+        --timeout "${METHOD_TIMEOUT:-380}" --out-dir "$OUT" > "$OUT/throughput.txt" 2>&1; tail -12 "$OUT/throughput.txt"
     grep -h "vllm-kvzip\|Engine 000" "$OUT"/logs/*kvzap* | tail -30 | cut -c1-300;;
   cuda)  # build csrc/ in place, test the CUDA compaction against the reference, time it against Triton
     timeout 240 python3 setup.py build_ext --inplace > "$OUT/cuda_build.txt" 2>&1; tail -3 "$OUT/cuda_build.txt"

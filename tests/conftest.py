@@ -46,6 +46,30 @@ def embedded_model() -> str:
     return ensure_embedded_model()
 
 
+@pytest.fixture(scope="module")
+def oracle_model(embedded_model):
+    """The embedded model in transformers, float32: the oracle the engine tests compare against."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def surrogate_dir(tmp_path_factory, embedded_model):
+    """A KVzap-MLP checkpoint in the published layout, sized for the embedded model (random, seeded)."""
+    import torch
+    from transformers import AutoConfig
+
+    from vllm_kvzip.scoring.kvzap_model import KVzapSurrogate, ModelShape
+
+    torch.manual_seed(0)
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(embedded_model))
+    folder = tmp_path_factory.mktemp("kvzap") / "kvzap-mlp"
+    KVzapSurrogate.for_model(shape, "mlp").save(folder)
+    return str(folder)
+
+
 # `vllm serve` as the server tests start it: compression on, float32, eager,
 # max length 2048, block size 16 (tests/test_server.py, tests/test_faults.py).
 SERVER_MAX_MODEL_LEN = 2048

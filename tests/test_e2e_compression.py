@@ -14,32 +14,18 @@ tokens and the same output tokens.
 from __future__ import annotations
 
 import pytest
-
-from tests.conftest import close_engine
 import torch
 
 from vllm_kvzip.block_manager.geometry import CompressionGeometry, cdiv
-from vllm_kvzip.eval.synthetic import make_example
+
+from tests.conftest import close_engine
+from tests.engine_helpers import model_runner, question_prompt, recorded
 
 BLOCK_SIZE = 16
 MAX_TOKENS = 12
 SETTINGS = {"method": "kvzap-mlp", "keep_ratio": 0.25, "window": 64}
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture(scope="module")
-def surrogate_dir(tmp_path_factory, embedded_model):
-    """A KVzap-MLP checkpoint in the published layout, sized for the embedded model."""
-    from transformers import AutoConfig
-
-    from vllm_kvzip.scoring.kvzap_model import KVzapSurrogate, ModelShape
-
-    torch.manual_seed(0)
-    shape = ModelShape.from_config(AutoConfig.from_pretrained(embedded_model))
-    folder = tmp_path_factory.mktemp("kvzap") / "kvzap-mlp"
-    KVzapSurrogate.for_model(shape, "mlp").save(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -60,23 +46,10 @@ def engine(embedded_model, surrogate_dir):
     close_engine(llm)
 
 
-@pytest.fixture(scope="module")
-def oracle_model(embedded_model):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval()
-
-
 def _prompts(engine, count: int) -> list[list[int]]:
     tokenizer = engine.get_tokenizer()
-    prompts = []
-    for seed, task in zip(range(count), ["profile", "needle", "uuid_kv", "multikey", "variable"]):
-        example = make_example(task, seed, token_budget=700, count_tokens=lambda text: len(tokenizer.encode(text)))
-        question = example.questions[0]
-        messages = [{"role": "user", "content": example.context + "\n\n" + question.text}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompts.append(tokenizer.encode(text + question.answer_prefix, add_special_tokens=False))
-    return prompts
+    tasks = ["profile", "needle", "uuid_kv", "multikey", "variable"]
+    return [question_prompt(tokenizer, task, seed, 700) for seed, task in zip(range(count), tasks)]
 
 
 def _scheduler(engine):
@@ -89,7 +62,7 @@ def _assert_worker_state_follows_vllm(engine):
     from vllm_kvzip.backend.state import DENSE_SLOT, get_state
 
     state = get_state()
-    runner = engine.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    runner = model_runner(engine)
     assert set(state.requests) <= set(runner.requests)
     assert not set(state.pending) - set(runner.requests)
     used_slots = sum(entry.slot != DENSE_SLOT for entry in state.requests.values())
@@ -120,19 +93,16 @@ def test_mixed_batch_matches_the_transformers_oracle(engine, oracle_model, surro
             oracle_model, prompt, config, block_size=BLOCK_SIZE, max_new_tokens=MAX_TOKENS,
             stop_token_ids=stop, surrogate=surrogate, extra_args=extra,
         )
-        # LLM.generate makes the engine's request id from its own with a suffix.
-        recorded = next(
-            (keep for key, keep in state.recorded_keep_sets.items() if key.split("-")[0] == output.request_id), None
-        )
+        recorded_keep = recorded(state.recorded_keep_sets, output.request_id)
         if reference.keep is None or not reference.geometry.compresses:
-            assert recorded is None, f"request {extra} should have stayed dense"
+            assert recorded_keep is None, f"request {extra} should have stayed dense"
         else:
             compressed += 1
             evictable = reference.geometry.evictable_tokens
-            assert recorded is not None, f"request {extra} was not compressed"
-            assert torch.equal(recorded, reference.keep[:, :, :evictable].cpu()), f"keep-sets differ for {extra}"
+            assert recorded_keep is not None, f"request {extra} was not compressed"
+            assert torch.equal(recorded_keep, reference.keep[:, :, :evictable].cpu()), f"keep-sets differ for {extra}"
             # The global budget is exact over the request, and its layers keep different counts.
-            per_layer = recorded.sum(dim=(1, 2))
+            per_layer = recorded_keep.sum(dim=(1, 2))
             assert int(per_layer.sum()) == reference.geometry.kept_tokens
             assert len(set(per_layer.tolist())) > 1, per_layer
             assert reference.geometry.policy == "global" and reference.geometry.num_layers == len(per_layer)

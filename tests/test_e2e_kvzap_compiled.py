@@ -11,29 +11,13 @@ the transformers oracle's, as in tests/test_e2e_compression.py.
 from __future__ import annotations
 
 import pytest
-
-from tests.conftest import close_engine
 import torch
 
-from tests.test_e2e_compression import BLOCK_SIZE, MAX_TOKENS, _prompts
+from tests.conftest import close_engine
+from tests.engine_helpers import recorded
+from tests.test_e2e_compression import BLOCK_SIZE, MAX_TOKENS, SETTINGS, _prompts
 
 pytestmark = pytest.mark.engine
-
-SETTINGS = {"method": "kvzap-mlp", "keep_ratio": 0.25, "window": 64}
-
-
-@pytest.fixture(scope="module")
-def surrogate_dir(tmp_path_factory, embedded_model):
-    from transformers import AutoConfig
-
-    from vllm_kvzip.scoring.kvzap_model import KVzapSurrogate, ModelShape
-
-    torch.manual_seed(1)
-    shape = ModelShape.from_config(AutoConfig.from_pretrained(embedded_model))
-    folder = tmp_path_factory.mktemp("kvzap") / "kvzap-mlp"
-    KVzapSurrogate.for_model(shape, "mlp").save(folder)
-    return str(folder)
-
 
 @pytest.fixture(scope="module")
 def compiled_engine(embedded_model, surrogate_dir):
@@ -52,8 +36,7 @@ def compiled_engine(embedded_model, surrogate_dir):
     close_engine(llm)
 
 
-def test_compiled_engine_records_the_eager_scores(compiled_engine, embedded_model, surrogate_dir):
-    from transformers import AutoModelForCausalLM
+def test_compiled_engine_records_the_eager_scores(compiled_engine, oracle_model, surrogate_dir):
     from vllm import SamplingParams, TokensPrompt
 
     from vllm_kvzip.backend.state import get_state
@@ -70,15 +53,15 @@ def test_compiled_engine_records_the_eager_scores(compiled_engine, embedded_mode
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     outputs = compiled_engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params)
 
-    oracle = AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval()
     config = KVCompressionConfig.parse({**SETTINGS, "surrogate": surrogate_dir})
     surrogate = KVzapSurrogate.load(surrogate_dir).float()
     stop = [compiled_engine.get_tokenizer().eos_token_id]
     for prompt, output in zip(prompts, outputs):
         reference = generate_like_vllm(
-            oracle, prompt, config, block_size=BLOCK_SIZE, max_new_tokens=MAX_TOKENS, stop_token_ids=stop, surrogate=surrogate
+            oracle_model, prompt, config, block_size=BLOCK_SIZE, max_new_tokens=MAX_TOKENS, stop_token_ids=stop, surrogate=surrogate
         )
-        recorded = next(keep for key, keep in state.recorded_keep_sets.items() if key.split("-")[0] == output.request_id)
+        recorded_keep = recorded(state.recorded_keep_sets, output.request_id)
+        assert recorded_keep is not None, "the request was not compressed"
         evictable = reference.geometry.evictable_tokens
-        assert torch.equal(recorded, reference.keep[:, :, :evictable].cpu()), "compiled keep-sets differ from the oracle's"
+        assert torch.equal(recorded_keep, reference.keep[:, :, :evictable].cpu()), "compiled keep-sets differ from the oracle's"
         assert list(output.outputs[0].token_ids) == reference.token_ids

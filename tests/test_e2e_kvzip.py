@@ -14,12 +14,12 @@ exactly the blocks the geometry predicts.
 from __future__ import annotations
 
 import pytest
-
-from tests.conftest import close_engine
 import torch
 
 from vllm_kvzip.block_manager.geometry import CompressionGeometry, cdiv
-from vllm_kvzip.eval.synthetic import make_example
+
+from tests.conftest import close_engine
+from tests.engine_helpers import model_runner, question_prompt, recorded
 
 BLOCK_SIZE = 16
 MAX_TOKENS = 5
@@ -56,13 +56,6 @@ def engine(embedded_model, method):
 
 
 @pytest.fixture(scope="module")
-def oracle_model(embedded_model):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(embedded_model, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def repeat_prompt(embedded_model):
     from transformers import AutoTokenizer
 
@@ -75,23 +68,7 @@ def repeat_prompt(embedded_model):
 
 def _prompts(engine, tasks) -> list[list[int]]:
     tokenizer = engine.get_tokenizer()
-    prompts = []
-    for seed, task in enumerate(tasks):
-        example = make_example(task, seed, token_budget=PROMPT_TOKENS, count_tokens=lambda text: len(tokenizer.encode(text)))
-        question = example.questions[0]
-        messages = [{"role": "user", "content": example.context + "\n\n" + question.text}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompts.append(tokenizer.encode(text + question.answer_prefix, add_special_tokens=False))
-    return prompts
-
-
-def _runner(engine):
-    return engine.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
-
-
-def _recorded(records: dict, request_id: str):
-    # The engine may suffix the id it was given.
-    return next((value for key, value in records.items() if key.split("-")[0] == request_id), None)
+    return [question_prompt(tokenizer, task, seed, PROMPT_TOKENS) for seed, task in enumerate(tasks)]
 
 
 def test_vllm_matches_the_oracle_writes_no_kv_and_frees_the_predicted_blocks(engine, method, oracle_model, repeat_prompt):
@@ -102,7 +79,7 @@ def test_vllm_matches_the_oracle_writes_no_kv_and_frees_the_predicted_blocks(eng
     from vllm_kvzip.scoring.reconstruction import prompt_reconstruction_chunks
     from vllm_kvzip.scoring.vllm_reference import generate_like_vllm
 
-    runner = _runner(engine)
+    runner = model_runner(engine)
     scorer = runner._vllm_kvzip_reconstruction
     # The worker built the same repeat prompt from vLLM's tokenizer.
     assert scorer.repeat_prompt == repeat_prompt
@@ -160,8 +137,8 @@ def test_vllm_matches_the_oracle_writes_no_kv_and_frees_the_predicted_blocks(eng
                 stop_token_ids=stop, repeat_prompt=repeat_prompt,
             )
             assert reference.geometry == geometry
-            scores = _recorded(state.recorded_scores, request_id)
-            keep = _recorded(state.recorded_keep_sets, request_id)
+            scores = recorded(state.recorded_scores, request_id)
+            keep = recorded(state.recorded_keep_sets, request_id)
             assert scores is not None and keep is not None, "the request was not compressed"
             # Sinks +inf; every other score a softmax weight (KVzip) or its normalised form (KVzip+).
             assert torch.isinf(scores[:, :, : config.sink_tokens]).all()

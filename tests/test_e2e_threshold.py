@@ -13,14 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import close_engine
 import torch
 
 import vllm_kvzip
 from vllm_kvzip.block_manager.geometry import cdiv
 from vllm_kvzip.block_manager.plan import container_blocks_needed, pages_per_head
-from vllm_kvzip.eval.synthetic import make_example
+
+from tests.conftest import close_engine
+from tests.engine_helpers import question_prompt, recorded
 
 BLOCK_SIZE = 16
 WINDOW = 64
@@ -51,12 +51,7 @@ def engine(embedded_model):
 
 
 def _prompt(engine, task: str, seed: int, budget: int = 700) -> list[int]:
-    tokenizer = engine.get_tokenizer()
-    example = make_example(task, seed, token_budget=budget, count_tokens=lambda text: len(tokenizer.encode(text)))
-    question = example.questions[0]
-    messages = [{"role": "user", "content": example.context + "\n\n" + question.text}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text + question.answer_prefix, add_special_tokens=False)
+    return question_prompt(engine.get_tokenizer(), task, seed, budget)
 
 
 def _scheduler(engine):
@@ -75,8 +70,7 @@ def _held_blocks(manager, request_id: str) -> int:
 
 
 def _engine_request(state, request_id: str):
-    # LLM.generate adds a suffix to the request ids it is given.
-    return next((entry for key, entry in state.requests.items() if key.split("-")[0] == request_id), None)
+    return recorded(state.requests, request_id)
 
 
 def test_threshold_mode_with_decode_eviction_matches_the_oracle(engine, embedded_model):
@@ -109,23 +103,21 @@ def test_threshold_mode_with_decode_eviction_matches_the_oracle(engine, embedded
             oracle, prompt, config, block_size=BLOCK_SIZE, max_new_tokens=max_tokens, surrogate=surrogate,
             extra_args=extra,
         )
-        recorded = next(
-            (keep for key, keep in state.recorded_keep_sets.items() if key.split("-")[0] == output.request_id), None
-        )
+        recorded_keep = recorded(state.recorded_keep_sets, output.request_id)
         if extra is not None:
-            assert recorded is None and reference.folded_blocks is None
+            assert recorded_keep is None and reference.folded_blocks is None
         else:
             # Folded at the prefill and at least twice while decoding.
             assert len(reference.folded_blocks) >= 3, reference.folded_blocks
-            assert recorded is not None
-            assert recorded.shape == reference.keep.shape
-            assert torch.equal(recorded, reference.keep.cpu())
-            assert 0.05 < recorded.float().mean() < 0.9  # the threshold really evicts, and keeps
+            assert recorded_keep is not None
+            assert recorded_keep.shape == reference.keep.shape
+            assert torch.equal(recorded_keep, reference.keep.cpu())
+            assert 0.05 < recorded_keep.float().mean() < 0.9  # the threshold really evicts, and keeps
             # The scheduler freed exactly what the oracle's foldings free (the only compressed request).
             assert freed_by_engine == sum(freed for _, _, freed in reference.folded_blocks)
             # The prefill folding, from its keep-set: pages of all layers packed together, L * H per block.
             first, end, freed_first = reference.folded_blocks[0]
-            kept = recorded[:, :, : end * BLOCK_SIZE].sum(dim=-1)
+            kept = recorded_keep[:, :, : end * BLOCK_SIZE].sum(dim=-1)
             assert first == 0 and freed_first == end - container_blocks_needed(kept, BLOCK_SIZE)
             # Per-layer packing (one KV tensor per layer) needed the busiest layer's pages in every layer.
             busiest_layer = int(pages_per_head(kept, BLOCK_SIZE).sum(dim=-1).max())

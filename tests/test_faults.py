@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import close_engine
-
 from vllm_kvzip.eval.synthetic import make_example
+
+from tests.conftest import close_engine
+from tests.engine_helpers import model_runner, question_prompt
 
 BLOCK_SIZE = 16
 CHUNK_TOKENS = 128
@@ -74,10 +75,6 @@ def _manager(engine):
         m for m in _scheduler(engine).kv_cache_manager.coordinator.single_type_managers if isinstance(m, KVzipManager)
     ]
     return manager
-
-
-def _runner(engine):
-    return engine.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
 
 
 class Watch:
@@ -134,11 +131,7 @@ class Job:
 
 
 def _chat_prompt(tokenizer, task: str, seed: int, budget: int) -> tuple[int, ...]:
-    example = make_example(task, seed, token_budget=budget, count_tokens=lambda text: len(tokenizer.encode(text)))
-    question = example.questions[0]
-    messages = [{"role": "user", "content": example.context + "\n\n" + question.text}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tuple(tokenizer.encode(text + question.answer_prefix, add_special_tokens=False))
+    return tuple(question_prompt(tokenizer, task, seed, budget))
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +217,7 @@ def _assert_nothing_leaked(engine, start_free_blocks: int) -> None:
     # The worker hears of finished requests with the next step: one short (dense) probe.
     engine.generate(["Hi"], SamplingParams(max_tokens=1), use_tqdm=False)
     assert pool.get_num_free_blocks() == start_free_blocks
-    probe = set(_runner(engine).requests)
+    probe = set(model_runner(engine).requests)
     assert len(probe) <= 1 and set(state.requests) <= probe
     assert not state.pending
     assert state.table.free_slots == state.table.num_slots - 1  # every compressed request's slot is back

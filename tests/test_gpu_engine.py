@@ -69,17 +69,11 @@ def _generate(model, prompts, max_tokens, backend=None, compression=None):
 def test_keep_ratio_one_equals_flash_attention(embedded_model):
     from transformers import AutoTokenizer
 
-    from vllm_kvzip.eval.synthetic import make_example
+    from tests.engine_helpers import question_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model)
-    prompts = []
-    for seed, task in enumerate(["profile", "needle", "uuid_kv", "multikey", "variable", "profile", "needle", "uuid_kv"]):
-        example = make_example(task, seed, token_budget=300 + 250 * seed, count_tokens=lambda text: len(tokenizer.encode(text)))
-        question = example.questions[0]
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": example.context + "\n\n" + question.text}], tokenize=False, add_generation_prompt=True
-        )
-        prompts.append(tokenizer.encode(text + question.answer_prefix, add_special_tokens=False))
+    tasks = ["profile", "needle", "uuid_kv", "multikey", "variable", "profile", "needle", "uuid_kv"]
+    prompts = [question_prompt(tokenizer, task, seed, 300 + 250 * seed) for seed, task in enumerate(tasks)]
     max_tokens = 32
     baseline = _generate(embedded_model, prompts, max_tokens, backend="FLASH_ATTN")
     plugin = _generate(embedded_model, prompts, max_tokens, compression={"method": "streaming", "keep_ratio": 1.0})

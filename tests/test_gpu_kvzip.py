@@ -18,7 +18,7 @@ import gc
 import pytest
 import torch
 
-from vllm_kvzip.eval.synthetic import make_example
+from tests.engine_helpers import model_runner, question_prompt, recorded
 
 BLOCK_SIZE = 16
 SETTINGS = {"keep_ratio": 0.3, "window": 64, "chunk_size": 256}
@@ -56,14 +56,8 @@ def engine(embedded_model, method):
 
 def _prompts(engine, count: int) -> list[list[int]]:
     tokenizer = engine.get_tokenizer()
-    prompts = []
-    for seed, task in zip(range(count), ["needle", "profile", "multikey", "uuid_kv"]):
-        example = make_example(task, seed, token_budget=1500, count_tokens=lambda text: len(tokenizer.encode(text)))
-        question = example.questions[0]
-        messages = [{"role": "user", "content": example.context + "\n\n" + question.text}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompts.append(tokenizer.encode(text + question.answer_prefix, add_special_tokens=False))
-    return prompts
+    tasks = ["needle", "profile", "multikey", "uuid_kv"]
+    return [question_prompt(tokenizer, task, seed, 1500) for seed, task in zip(range(count), tasks)]
 
 
 def test_kvzip_on_cuda_with_graphs(engine, method, embedded_model):
@@ -79,7 +73,7 @@ def test_kvzip_on_cuda_with_graphs(engine, method, embedded_model):
     from vllm_kvzip.scoring.reconstruction import RepeatPrompt
     from vllm_kvzip.scoring.vllm_reference import generate_like_vllm
 
-    runner = engine.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    runner = model_runner(engine)
     scorer = runner._vllm_kvzip_reconstruction
     state = get_state()
     state.recorded_keep_sets.clear()
@@ -134,8 +128,8 @@ def test_kvzip_on_cuda_with_graphs(engine, method, embedded_model):
             oracle, prompt, config, block_size=BLOCK_SIZE, max_new_tokens=1, repeat_prompt=repeat_prompt
         )
         evictable = reference.geometry.evictable_tokens
-        key = next(k for k in state.recorded_keep_sets if k.split("-")[0] == output.request_id)
-        keep, scores = state.recorded_keep_sets[key], state.recorded_scores[key]
+        keep, scores = recorded(state.recorded_keep_sets, output.request_id), recorded(state.recorded_scores, output.request_id)
+        assert keep is not None and scores is not None, f"request {output.request_id} was not compressed"
         assert torch.isfinite(scores[:, :, config.sink_tokens :]).all()
         expected = reference.keep[:, :, :evictable].cpu()
         # Of the tokens the oracle keeps, the bf16 engine keeps nearly all.

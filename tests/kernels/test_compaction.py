@@ -91,13 +91,19 @@ def test_compaction_rejects_bad_scratch() -> None:
         compact_kv(cache, src, src + 4, use_triton=True, scratch=torch.empty(2, 128, dtype=torch.float16, device=DEVICE))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes need a CUDA device (too slow for the Triton interpreter)")
-def test_compaction_large_cuda() -> None:
+def large_cuda_moves() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 4096-block bf16 cache (head_dim 128) and 200,000 random overlapping moves on the GPU."""
     generator = torch.Generator(device="cuda").manual_seed(4)
     cache = torch.randn(4096, 8, 16, 256, device="cuda", generator=generator).to(torch.bfloat16)
     num_slots = cache.numel() // 256
     src = torch.randperm(num_slots, device="cuda", generator=generator)[:200_000]
     dst = torch.randperm(num_slots, device="cuda", generator=generator)[:200_000]
+    return cache, src, dst
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes need a CUDA device (too slow for the Triton interpreter)")
+def test_compaction_large_cuda() -> None:
+    cache, src, dst = large_cuda_moves()
     reference = cache.clone()
     compact_kv_ref(reference, src, dst)
     compact_kv(cache, src, dst)

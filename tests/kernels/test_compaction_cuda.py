@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.kernels.test_compaction import BLOCK_SIZE, NUM_BLOCKS, NUM_KV_HEADS, NUM_SLOTS, expected_after_move, large_cuda_moves
 from vllm_kvzip.backend.ops import compact_kv, compact_kv_ref
 from vllm_kvzip.backend.ops.cuda_ops import COMPACTION_KERNEL_ENV, compact_kv_cuda, compaction_kernel, cuda_extension
 
@@ -20,15 +21,6 @@ needs_cuda_kernel = pytest.mark.skipif(
     not (torch.cuda.is_available() and BUILT),
     reason="needs a CUDA device and vllm_kvzip._cuda_ops (built by `pip install -e .` where nvcc and CUDA torch are)",
 )
-
-NUM_BLOCKS, NUM_KV_HEADS, BLOCK_SIZE = 3, 2, 16
-NUM_SLOTS = NUM_BLOCKS * NUM_KV_HEADS * BLOCK_SIZE
-
-
-def _expected(cache, src, dst):
-    rows = cache.reshape(-1, cache.shape[-1]).clone()
-    rows[dst.long()] = rows[src.long()].clone()
-    return rows.view_as(cache)
 
 
 def test_kernel_choice_is_validated(monkeypatch):
@@ -66,18 +58,14 @@ def test_cuda_compaction_equals_the_reference(data, num_moves, head_size, dtype)
     cache = torch.randn(NUM_BLOCKS, NUM_KV_HEADS, BLOCK_SIZE, 2 * head_size, generator=generator).to(dtype=dtype, device="cuda")
     reference = cache.clone()
     compact_kv_ref(reference, src_t, dst_t, num_staged=num_staged)
-    assert torch.equal(reference, _expected(cache, src_t, dst_t))
+    assert torch.equal(reference, expected_after_move(cache, src_t, dst_t))
     compact_kv_cuda(cache, src_t, dst_t, num_staged=num_staged)
     assert torch.equal(cache, reference)
 
 
 @needs_cuda_kernel
 def test_cuda_compaction_large_and_selected_by_the_environment(monkeypatch):
-    generator = torch.Generator(device="cuda").manual_seed(4)
-    cache = torch.randn(4096, 8, 16, 256, device="cuda", generator=generator).to(torch.bfloat16)
-    num_slots = cache.numel() // 256
-    src = torch.randperm(num_slots, device="cuda", generator=generator)[:200_000]
-    dst = torch.randperm(num_slots, device="cuda", generator=generator)[:200_000]
+    cache, src, dst = large_cuda_moves()
     reference = cache.clone()
     compact_kv_ref(reference, src, dst)
     monkeypatch.setenv(COMPACTION_KERNEL_ENV, "cuda")

@@ -83,15 +83,14 @@ def _(hidden_states, marker, layer_name):
 
 
 def record_scores(cache: torch.Tensor, scores: torch.Tensor, slot_mapping: torch.Tensor, heads: int, block_size: int) -> None:
-    """Write `scores [num_tokens, H]` into a score cache at the tokens' KV slots (slot -1: padding)."""
-    num_tokens = slot_mapping.shape[0]
+    """Write `scores [num_tokens, H]` (one row per slot) into a score cache at the tokens' KV slots (slot -1: padding)."""
     slots = slot_mapping.to(torch.int64)
     head_index = torch.arange(heads, device=slots.device)[None, :]
     index = ((slots // block_size)[:, None] * heads + head_index) * block_size + (slots % block_size)[:, None]
     # Padding tokens (slot -1) write to the trash entries after the cache.
     trash = cache.numel() - heads + head_index
     index = torch.where(slots[:, None] >= 0, index, trash)
-    cache.view(-1).index_copy_(0, index.reshape(-1), scores[:num_tokens].reshape(-1).to(cache.dtype))
+    cache.view(-1).index_copy_(0, index.reshape(-1), scores.reshape(-1).to(cache.dtype))
 
 
 class KVzapRecorder:

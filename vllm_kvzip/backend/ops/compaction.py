@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_kvzip.backend.ops.reference import compaction_moves, compaction_scratch
+
 # Rows per program: 16 rows of 256 bf16 = 8 KiB per program, plenty of
 # independent 16-byte loads per thread and still many programs for small N.
 ROWS_PER_PROGRAM = 16
@@ -78,20 +80,12 @@ def compact_kv(
     """
     if kv_cache.dim() != 4 or not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be a contiguous [num_blocks, H, block_size, 2*head_size] tensor")
-    if src_slots.shape != dst_slots.shape or src_slots.dim() != 1:
-        raise ValueError(f"src_slots {tuple(src_slots.shape)} and dst_slots {tuple(dst_slots.shape)} must be equal 1-D shapes")
-    num_moves = src_slots.shape[0]
-    num_staged = num_moves if num_staged is None else num_staged
-    if not 0 <= num_staged <= num_moves:
-        raise ValueError(f"num_staged {num_staged} is outside 0..{num_moves}")
+    num_moves, num_staged = compaction_moves(src_slots, dst_slots, num_staged)
     if num_moves == 0:
         return kv_cache
     row_width = kv_cache.shape[-1]
     kv_rows = kv_cache.view(-1, row_width)
-    if scratch is None:
-        scratch = torch.empty((max(num_staged, 1), row_width), dtype=kv_cache.dtype, device=kv_cache.device)
-    elif scratch.shape[0] < num_staged or scratch.shape[1] != row_width or scratch.dtype != kv_cache.dtype or not scratch.is_contiguous():
-        raise ValueError(f"scratch must be a contiguous [>= {num_staged}, {row_width}] {kv_cache.dtype} tensor")
+    scratch = compaction_scratch(kv_cache, num_staged, scratch)
     src_slots = src_slots.contiguous()
     dst_slots = dst_slots.contiguous()
     meta = dict(

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from vllm_kvzip.backend.ops.reference import compaction_moves, compaction_scratch
+
 COMPACTION_KERNEL_ENV = "VLLM_KVZIP_COMPACTION_KERNEL"
 COMPACTION_KERNELS = ("triton", "cuda")
 
@@ -50,17 +52,8 @@ def compact_kv_cuda(
     extension = cuda_extension()
     if extension is None:
         raise RuntimeError("vllm_kvzip._cuda_ops was not built (nvcc and a CUDA build of torch are needed at install time)")
-    if src_slots.shape != dst_slots.shape or src_slots.dim() != 1:
-        raise ValueError(f"src_slots {tuple(src_slots.shape)} and dst_slots {tuple(dst_slots.shape)} must be equal 1-D shapes")
-    num_moves = src_slots.shape[0]
-    num_staged = num_moves if num_staged is None else num_staged
-    if not 0 <= num_staged <= num_moves:
-        raise ValueError(f"num_staged {num_staged} is outside 0..{num_moves}")
-    row_width = kv_cache.shape[-1]
-    if scratch is None:
-        scratch = torch.empty((max(num_staged, 1), row_width), dtype=kv_cache.dtype, device=kv_cache.device)
-    elif scratch.shape[0] < num_staged or scratch.shape[1] != row_width or scratch.dtype != kv_cache.dtype or not scratch.is_contiguous():
-        raise ValueError(f"scratch must be a contiguous [>= {num_staged}, {row_width}] {kv_cache.dtype} tensor")
+    _, num_staged = compaction_moves(src_slots, dst_slots, num_staged)
+    scratch = compaction_scratch(kv_cache, num_staged, scratch)
     extension.compact_kv(
         kv_cache, src_slots.to(torch.int64).contiguous(), dst_slots.to(torch.int64).contiguous(), scratch, num_staged
     )

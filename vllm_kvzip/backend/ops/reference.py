@@ -395,6 +395,27 @@ def _online_softmax_step(
     return new_max, running_sum, acc
 
 
+def compaction_moves(src_slots: torch.Tensor, dst_slots: torch.Tensor, num_staged: int | None) -> tuple[int, int]:
+    """(number of moves, number staged) of a compaction, checked; every implementation's contract."""
+    if src_slots.shape != dst_slots.shape or src_slots.dim() != 1:
+        raise ValueError(f"src_slots {tuple(src_slots.shape)} and dst_slots {tuple(dst_slots.shape)} must be equal 1-D shapes")
+    num_moves = src_slots.shape[0]
+    num_staged = num_moves if num_staged is None else num_staged
+    if not 0 <= num_staged <= num_moves:
+        raise ValueError(f"num_staged {num_staged} is outside 0..{num_moves}")
+    return num_moves, num_staged
+
+
+def compaction_scratch(kv_cache: torch.Tensor, num_staged: int, scratch: torch.Tensor | None) -> torch.Tensor:
+    """The GPU kernels' staging buffer: `scratch` checked, or a new `[max(num_staged, 1), 2 * head_size]` one."""
+    row_width = kv_cache.shape[-1]
+    if scratch is None:
+        return torch.empty((max(num_staged, 1), row_width), dtype=kv_cache.dtype, device=kv_cache.device)
+    if scratch.shape[0] < num_staged or scratch.shape[1] != row_width or scratch.dtype != kv_cache.dtype or not scratch.is_contiguous():
+        raise ValueError(f"scratch must be a contiguous [>= {num_staged}, {row_width}] {kv_cache.dtype} tensor")
+    return scratch
+
+
 def compact_kv_ref(
     kv_cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor, num_staged: int | None = None
 ) -> torch.Tensor:
@@ -409,12 +430,7 @@ def compact_kv_ref(
     repeated destination gets an unspecified one of its sources).  Rows not
     named in ``dst_slots`` are left unchanged.  Returns ``kv_cache``.
     """
-    if src_slots.shape != dst_slots.shape or src_slots.dim() != 1:
-        raise ValueError(f"src_slots {tuple(src_slots.shape)} and dst_slots {tuple(dst_slots.shape)} must be equal 1-D shapes")
-    num_moves = src_slots.numel()
-    num_staged = num_moves if num_staged is None else num_staged
-    if not 0 <= num_staged <= num_moves:
-        raise ValueError(f"num_staged {num_staged} is outside 0..{num_moves}")
+    num_moves, num_staged = compaction_moves(src_slots, dst_slots, num_staged)
     kv_rows = flat_kv_rows(kv_cache)
     if num_moves == 0:
         return kv_cache

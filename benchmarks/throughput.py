@@ -286,7 +286,8 @@ def main() -> int:
         ]
         print(f"== {method}: {', '.join(args.workloads)}", flush=True)
         started = time.perf_counter()
-        env = dict(os.environ)
+        # Unbuffered: a child killed on timeout otherwise loses the last lines of its log.
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         if args.dump_stacks_after:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the stack dumps then cover the engine core
         log_path = log_dir / f"{stem}_{method}.log"

@@ -116,11 +116,6 @@ def run_point(args: argparse.Namespace) -> list[dict]:
     """One engine for `args.method`, every workload of `args.workload` (comma-separated) in turn."""
     from vllm import LLM
 
-    if args.dump_stacks_after:
-        import faulthandler
-
-        # Where a slow engine start spends its time (the engine core runs in this process).
-        faulthandler.dump_traceback_later(args.dump_stacks_after, repeat=True)
     workloads = args.workload.split(",")
     max_model_len = max(WORKLOADS[w][1] + WORKLOADS[w][2] for w in workloads) + 16
     kwargs = dict(
@@ -153,7 +148,7 @@ def run_point(args: argparse.Namespace) -> list[dict]:
     if args.dump_stacks_after:
         import faulthandler
 
-        faulthandler.cancel_dump_traceback_later()
+        faulthandler.cancel_dump_traceback_later()  # this process's dump: the engine started in time
     results = []
     for workload in workloads:
         result = _run_workload(llm, args, workload)
@@ -289,7 +284,8 @@ def main() -> int:
         # Unbuffered: a child killed on timeout otherwise loses the last lines of its log.
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if args.dump_stacks_after:
-            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the stack dumps then cover the engine core
+            # The plugin's register() arms the dump in every vLLM process, the engine core included.
+            env["VLLM_KVZIP_DUMP_STACKS_AFTER"] = str(args.dump_stacks_after)
         log_path = log_dir / f"{stem}_{method}.log"
         try:
             with open(log_path, "w") as log:

@@ -14,6 +14,15 @@ __all__ = ["KVCompressionConfig", "KVCompressionConfigError", "register", "__ver
 
 def register() -> None:
     """Wire vllm-kvzip into the running vLLM (idempotent)."""
+    import os
+
     from vllm_kvzip.adapter import install
 
+    dump_after = os.environ.get("VLLM_KVZIP_DUMP_STACKS_AFTER")
+    if dump_after:
+        # Diagnosis of a slow or stuck start: every vLLM process (API server, engine core,
+        # workers) prints all its threads' stacks once, this many seconds after loading the plugin.
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(dump_after), repeat=False)
     install()

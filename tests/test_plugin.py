@@ -217,3 +217,39 @@ def test_prefill_backend_follows_the_model_dtype():
     assert dense_backend("TRITON_ATTN", torch.bfloat16)[0].__name__ == "TritonAttentionBackend"
     with pytest.raises(ValueError, match="valid values"):
         dense_backend("FLASHINFER", torch.bfloat16)
+
+
+# ---- KVzap's surrogate: checked in the front-end process from its header only ---------
+
+
+def test_kvzap_surrogate_checks_name_the_flag(embedded_model, surrogate_dir, tmp_path):
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(KVCompressionConfigError, match="--kv-compression-surrogate: .*no-such-folder"):
+        _engine_config(embedded_model, {"method": "kvzap-mlp", "surrogate": str(missing)})
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(surrogate_dir, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(KVCompressionConfigError, match="--kv-compression-surrogate: .*not a readable safetensors file"):
+        _engine_config(embedded_model, {"method": "kvzap-mlp", "surrogate": str(corrupt)})
+
+    from vllm_kvzip.scoring.kvzap_model import KVzapSurrogate, ModelShape
+
+    other_model = tmp_path / "other-model"
+    KVzapSurrogate.for_model(ModelShape(num_layers=30, hidden_size=64, num_kv_heads=3), "mlp").save(other_model)
+    with pytest.raises(KVCompressionConfigError, match=r"--kv-compression-surrogate: .*does not fit this model"):
+        _engine_config(embedded_model, {"method": "kvzap-mlp", "surrogate": str(other_model)})
+
+
+def test_kvzap_surrogate_check_reads_no_weights(embedded_model, surrogate_dir, monkeypatch):
+    # Reading (and converting) the weights in vLLM's front-end process starts torch's OpenMP
+    # pool there, and the engine core forked from it hung in its first parallel op on the H100
+    # (session 5). The CPU platform spawns its engine core, so this checks the cause: no weights read.
+    import vllm_kvzip.scoring.kvzap_model as kvzap_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the front-end check read the surrogate's weights")
+
+    monkeypatch.setattr(kvzap_model, "load_file", refuse)
+    vllm_config = _engine_config(embedded_model, {"method": "kvzap-mlp", "surrogate": surrogate_dir})
+    assert vllm_config.additional_config["kv_compression"]["surrogate"] == surrogate_dir

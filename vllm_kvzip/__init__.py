@@ -18,11 +18,31 @@ def register() -> None:
 
     from vllm_kvzip.adapter import install
 
-    dump_after = os.environ.get("VLLM_KVZIP_DUMP_STACKS_AFTER")
-    if dump_after:
-        # Diagnosis of a slow or stuck start: every vLLM process (API server, engine core,
-        # workers) prints all its threads' stacks once, this many seconds after loading the plugin.
-        import faulthandler
-
-        faulthandler.dump_traceback_later(float(dump_after), repeat=False)
+    _arm_stack_dump(os.environ.get("VLLM_KVZIP_DUMP_STACKS_AFTER"))
     install()
+
+
+_stack_dump_armed = False
+
+
+def _arm_stack_dump(seconds: str | None) -> None:
+    """Diagnosis of a slow or stuck start (VLLM_KVZIP_DUMP_STACKS_AFTER=seconds).
+
+    Every vLLM process prints all its threads' stacks once, that many seconds
+    after loading the plugin. A forked engine core or worker does not load
+    plugins again and does not inherit the watchdog thread, so the dump is
+    re-armed in every forked child too.
+    """
+    global _stack_dump_armed
+    if not seconds or _stack_dump_armed:
+        return
+    import faulthandler
+    import os
+
+    try:
+        delay = float(seconds)
+    except ValueError:
+        raise ValueError(f"VLLM_KVZIP_DUMP_STACKS_AFTER must be a number of seconds, got {seconds!r}") from None
+    faulthandler.dump_traceback_later(delay, repeat=False)
+    os.register_at_fork(after_in_child=lambda: faulthandler.dump_traceback_later(delay, repeat=False))
+    _stack_dump_armed = True

@@ -125,3 +125,29 @@ def test_kvzap_scorer_scores_the_pass_tokens_from_hidden_states(tmp_path):
     )
     expected = scorer.surrogate.layers[2](hidden[2:]).T
     torch.testing.assert_close(scorer.score(inputs), expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_meta_load_checks_the_header_without_weights(tmp_path, kind):
+    trained_like(kind).to(torch.bfloat16).save(tmp_path / kind)
+    checked = KVzapSurrogate.load(tmp_path / kind, shape=SHAPE, device="meta")
+    assert type(checked) is (KVzapLinear if kind == "linear" else KVzapMLP)
+    assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for p in checked.parameters())
+    with pytest.raises(KVzapCheckpointError, match="8 KV heads"):
+        KVzapSurrogate.load(tmp_path / kind, shape=ModelShape(3, 32, 8), device="meta")
+
+
+def test_meta_load_reports_header_problems(tmp_path):
+    trained_like("mlp").save(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    config["hidden_dim"] = 8  # the stored first layer is 32 -> 4
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    for device in ("meta", "cpu"):
+        with pytest.raises(KVzapCheckpointError, match=r"has shape \(4,.*config.json implies \(8,"):
+            KVzapSurrogate.load(tmp_path / "a", device=device)
+    trained_like("mlp").save(tmp_path / "b")
+    weights = tmp_path / "b" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-40])  # truncated: the header promises more bytes
+    for device in ("meta", "cpu"):
+        with pytest.raises(KVzapCheckpointError, match="not a readable safetensors file"):
+            KVzapSurrogate.load(tmp_path / "b", device=device)

@@ -186,7 +186,9 @@ def _check_method_assets(config: KVCompressionConfig, model_config: Any) -> None
         from vllm_kvzip.backend.kvzap import load_surrogate
 
         try:
-            load_surrogate(config, model_config)
+            # Header only: this is vLLM's front-end process, which forks the engine core (see
+            # KVzapSurrogate.load). Reading the weights here would hang that child on the GPU.
+            load_surrogate(config, model_config, device="meta")
         except (KVzapCheckpointError, OSError, ValueError) as exc:
             raise KVCompressionConfigError(f"--kv-compression-surrogate: {exc}") from None
 

@@ -41,10 +41,11 @@ def surrogate_source(config, model_name: str) -> str:
     return str(shipped) if shipped is not None else default_checkpoint_name(model_name, kind)
 
 
-def load_surrogate(config, model_config) -> KVzapSurrogate:
+def load_surrogate(config, model_config, device: str = "cpu") -> KVzapSurrogate:
+    """The configured surrogate; `device="meta"` only checks it (no weights read: see KVzapSurrogate.load)."""
     source = surrogate_source(config, model_config.model)
     shape = ModelShape.from_config(model_config.hf_config)
-    return KVzapSurrogate.load(source, shape=shape)
+    return KVzapSurrogate.load(source, shape=shape, device=device)
 
 
 def attention_module_names(layer_names: list[str]) -> list[str]:

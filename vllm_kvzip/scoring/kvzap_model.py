@@ -142,10 +142,16 @@ class KVzapSurrogate(nn.Module):
         return folder
 
     @classmethod
-    def load(cls, name_or_path: str | os.PathLike, *, shape: ModelShape | None = None) -> "KVzapSurrogate":
+    def load(
+        cls, name_or_path: str | os.PathLike, *, shape: ModelShape | None = None, device: str | torch.device = "cpu"
+    ) -> "KVzapSurrogate":
         """Load a local folder, or a hub id (e.g. nvidia/KVzap-mlp-Qwen3-8B) when a hub is reachable.
 
         Returns a KVzapLinear or KVzapMLP (from config.json), whatever class it is called on.
+        `device="meta"` checks the checkpoint without reading its weights: config.json and the
+        safetensors header (tensor names, shapes, dtype), and returns a weightless module. That is
+        what vLLM's front-end process uses, because any multithreaded CPU op there starts an OpenMP
+        thread pool which a forked engine core cannot use: its first parallel op then hangs.
         """
         folder = resolve_checkpoint_folder(str(name_or_path))
         try:
@@ -159,29 +165,69 @@ class KVzapSurrogate(nn.Module):
             raise KVzapCheckpointError(f"{folder / CONFIG_NAME} lacks {', '.join(missing)}")
         dims = (int(config["input_dim"]), int(config["output_dim"]), int(config["n_modules"]))
         hidden_dim = config.get("hidden_dim")
-        surrogate = KVzapLinear(*dims) if hidden_dim is None else KVzapMLP(*dims, hidden_dim=int(hidden_dim))
-        try:
-            state = load_file(str(folder / WEIGHTS_NAME))
-        except OSError as exc:
-            raise KVzapCheckpointError(f"cannot read {folder / WEIGHTS_NAME}: {exc}") from None
+        weightless = torch.device(device).type == "meta"
+        with torch.device("meta"):
+            # Built without storage: the weights come from the file (or not at all when weightless).
+            surrogate = KVzapLinear(*dims) if hidden_dim is None else KVzapMLP(*dims, hidden_dim=int(hidden_dim))
+        weights_file = folder / WEIGHTS_NAME
+        tensors = _safetensors_header(weights_file) if weightless else _read_safetensors(weights_file)
         expected = dict(surrogate.state_dict())
-        unknown = sorted(set(state) - set(expected))
-        absent = sorted(set(expected) - set(state))
+        unknown = sorted(set(tensors) - set(expected))
+        absent = sorted(set(expected) - set(tensors))
         if unknown or absent:
             raise KVzapCheckpointError(
-                f"{folder / WEIGHTS_NAME} does not match its config.json: missing {absent[:4]}, unexpected {unknown[:4]}"
+                f"{weights_file} does not match its config.json: missing {absent[:4]}, unexpected {unknown[:4]}"
             )
-        for name, tensor in state.items():
-            if tensor.shape != expected[name].shape:
+        for name, tensor in tensors.items():
+            if tuple(tensor.shape) != tuple(expected[name].shape):
                 raise KVzapCheckpointError(
-                    f"{folder / WEIGHTS_NAME}: {name} has shape {tuple(tensor.shape)}, "
+                    f"{weights_file}: {name} has shape {tuple(tensor.shape)}, "
                     f"config.json implies {tuple(expected[name].shape)}"
                 )
-        surrogate.load_state_dict(state)
-        surrogate.to(dtype=next(iter(state.values())).dtype).eval()
+        dtype = next(iter(tensors.values())).dtype
+        if weightless:
+            surrogate.to(dtype=dtype)
+        else:
+            surrogate.load_state_dict(tensors, assign=True)
+            surrogate.to(device=device, dtype=dtype)
+        surrogate.eval()
         if shape is not None:
             surrogate.validate(shape, source=f"KVzap checkpoint {name_or_path}")
         return surrogate
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except OSError as exc:
+        raise KVzapCheckpointError(f"cannot read {path}: {exc}") from None
+    except Exception as exc:  # safetensors' own error type: a corrupt or truncated file
+        raise KVzapCheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def _safetensors_header(path: Path) -> dict[str, torch.Tensor]:
+    """Names -> meta tensors of the stored shape and dtype, read from the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {}
+            for name in handle.keys():
+                stored = handle.get_slice(name)
+                dtype = _SAFETENSORS_DTYPES.get(stored.get_dtype())
+                if dtype is None:
+                    raise KVzapCheckpointError(f"{path}: {name} has dtype {stored.get_dtype()}, not a float type")
+                tensors[name] = torch.empty(stored.get_shape(), dtype=dtype, device="meta")
+            return tensors
+    except OSError as exc:
+        raise KVzapCheckpointError(f"cannot read {path}: {exc}") from None
+    except KVzapCheckpointError:
+        raise
+    except Exception as exc:  # safetensors' own error type: a corrupt or truncated header
+        raise KVzapCheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 class KVzapLinear(KVzapSurrogate):

@@ -129,6 +129,8 @@ class WorkerCompressionState:
         self.freed_block_ranges: dict[str, dict] = {}
         # Wall time of KVzip's reconstruction passes (device-synchronised), summed over requests.
         self.total_scoring_seconds = 0.0
+        # Host time of every compression and folding (scoring, planning, compaction launch).
+        self.total_compression_seconds = 0.0
         # Debugging / tests: keep masks [L, H, evictable] and the scores they
         # came from, by request id (VLLM_KVZIP_RECORD_KEEP_SETS=1 turns it on).
         record = os.environ.get("VLLM_KVZIP_RECORD_KEEP_SETS") == "1"
@@ -174,6 +176,7 @@ class WorkerCompressionState:
         pairs = self.num_layers * self.num_kv_heads
         self.total_compressed += 1
         self.total_scoring_seconds += scoring_seconds
+        self.total_compression_seconds += seconds
         self.total_kept_tokens += entry.kept_tokens
         self.total_evictable_tokens += entry.evictable_tokens * pairs
         self.total_freed_blocks += geometry.freed_blocks
@@ -186,6 +189,7 @@ class WorkerCompressionState:
         """Threshold mode: one folding of the dense tail (the first one happens right after the prefill)."""
         pairs = self.num_layers * self.num_kv_heads
         first = entry.retirements == 1
+        self.total_compression_seconds += seconds
         if first:
             self.total_compressed += 1
             self.total_kept_tokens += entry.kept_tokens
@@ -222,6 +226,8 @@ class WorkerCompressionState:
             "decode_foldings": self.total_retirements,
             "scoring_seconds": self.total_scoring_seconds,
             "scoring_ms_per_request": 1e3 * self.total_scoring_seconds / max(1, self.total_compressed),
+            "compression_seconds": self.total_compression_seconds,
+            "compression_ms_per_request": 1e3 * self.total_compression_seconds / max(1, self.total_compressed),
         }
 
     # -- request lifecycle -------------------------------------------------------------
@@ -307,7 +313,9 @@ def compression_log_line(entry: RequestEntry, geometry, pairs: int, method: str,
 def worker_compression_stats(worker=None) -> dict | None:
     """This worker's `WorkerCompressionState.stats()` (None with compression off).
 
-    Usable through vLLM's RPC from any process: `llm.collective_rpc(worker_compression_stats)`.
+    In-process engines call it directly; through vLLM's RPC to a separate engine core
+    (`llm.collective_rpc(worker_compression_stats)`) vLLM sends a function only with
+    `VLLM_ALLOW_INSECURE_SERIALIZATION=1` (benchmarks/throughput.py sets it in its engines).
     """
     state = get_state()
     return None if state is None else state.stats()

@@ -47,25 +47,22 @@ case "$1" in
   long)  # issue 6: long generations, decode-time eviction vs FLASH_ATTN
     python3 benchmarks/throughput.py --workloads long-4k --methods FLASH_ATTN kvzap-dms --prefill-requests 8 \
         --timeout 280 --out-dir "$OUT" > "$OUT/long.txt" 2>&1; tail -12 "$OUT/long.txt";;
-  # Session 6 plan: one engine per method across calls on the same warm machine; results in
-  # /tmp/res (kept while warm: later calls take FLASH_ATTN from there with --baseline-from), copied to $OUT.
-  fa)  # FLASH_ATTN on every workload: the baseline of the calls that follow
+  # Session 6 plan: results in /tmp/res (kept while the machine stays warm: the kvzip step takes
+  # FLASH_ATTN from there with --baseline-from), copied to $OUT after every step.
+  main)  # issue 5: FLASH_ATTN vs kvzap-mlp (keep 0.25) on 8k and 32k, one engine per method
     mkdir -p /tmp/res
-    python3 benchmarks/throughput.py --workloads 8k 32k long-4k --methods FLASH_ATTN --prefill-requests 8 \
-        --timeout "${METHOD_TIMEOUT:-420}" --out-dir /tmp/res --tag fa > /tmp/res/fa.txt 2>&1
-    cp -r /tmp/res/. "$OUT/"; tail -8 /tmp/res/fa.txt;;
-  kvzap)  # kvzap-mlp (keep 0.25) on 8k and 32k; kvzap-dms (threshold, decode-time eviction) on long-4k
-    python3 benchmarks/throughput.py --workloads 8k 32k --methods kvzap-mlp --prefill-requests 8 \
-        --baseline-from /tmp/res/throughput_fa.json --timeout "${METHOD_TIMEOUT:-290}" --out-dir /tmp/res \
-        --tag kvzap > /tmp/res/kvzap.txt 2>&1; tail -6 /tmp/res/kvzap.txt
-    python3 benchmarks/throughput.py --workloads long-4k --methods kvzap-dms --prefill-requests 8 \
-        --baseline-from /tmp/res/throughput_fa.json --timeout "${DMS_TIMEOUT:-250}" --out-dir /tmp/res \
-        --tag dms > /tmp/res/dms.txt 2>&1; tail -6 /tmp/res/dms.txt
-    cp -r /tmp/res/. "$OUT/";;
-  kvzip)  # KVzip (keep 0.25) on 8k and 32k: needs a chat template (.device/tokenizer carried along)
+    python3 benchmarks/throughput.py --workloads 8k 32k --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
+        --timeout "${METHOD_TIMEOUT:-270}" --out-dir /tmp/res --tag main > /tmp/res/main.txt 2>&1
+    cp -r /tmp/res/. "$OUT/"; tail -7 /tmp/res/main.txt;;
+  long6)  # issue 6: long generations, FLASH_ATTN vs kvzap-dms (threshold, decode-time eviction)
+    mkdir -p /tmp/res
+    python3 benchmarks/throughput.py --workloads long-4k --methods FLASH_ATTN kvzap-dms --prefill-requests 8 \
+        --timeout "${METHOD_TIMEOUT:-270}" --out-dir /tmp/res --tag dms > /tmp/res/dms.txt 2>&1
+    cp -r /tmp/res/. "$OUT/"; tail -6 /tmp/res/dms.txt;;
+  kvzip)  # issue 5: KVzip (keep 0.25) on 8k and 32k: needs a chat template (.device/tokenizer carried along)
     python3 benchmarks/throughput.py --workloads 8k 32k --methods kvzip --prefill-requests 8 \
-        --tokenizer-from .device/tokenizer --baseline-from /tmp/res/throughput_fa.json \
-        --timeout "${METHOD_TIMEOUT:-540}" --out-dir /tmp/res --tag kvzip > /tmp/res/kvzip.txt 2>&1
+        --tokenizer-from .device/tokenizer --baseline-from /tmp/res/throughput_main.json \
+        --timeout "${METHOD_TIMEOUT:-500}" --out-dir /tmp/res --tag kvzip > /tmp/res/kvzip.txt 2>&1
     cp -r /tmp/res/. "$OUT/"; tail -8 /tmp/res/kvzip.txt;;
   *) echo "unknown step $1"; exit 2;;
 esac

@@ -14,10 +14,21 @@ comparison:
     python benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN snapkv
 
 Per point: wall time, output tokens/s, `speedup` = output tokens/s divided by
-FLASH_ATTN's in the same run, the maximum concurrency vLLM reports for the
-KV pool, the peak number of running requests, and the prefill time (the same
-prompts with max_tokens=1) whose ratio to FLASH_ATTN's is the prefill cost
-added by scoring.  JSON + PNG under benchmarks/results/.
+FLASH_ATTN's in the same run (or on the same warm machine: --baseline-from,
+--merge), the maximum concurrency vLLM reports for the uncompressed pool and
+the peak number of requests that really ran at once (vLLM's
+`vllm:num_requests_running`, sampled), the prefill time (the same prompts
+with max_tokens=1) whose ratio to FLASH_ATTN's is the prefill cost added by
+scoring, the worker's compression time per request, and
+`speedup_bound_if_decoding_were_free`: FLASH_ATTN's wall time over its time
+to prefill every prompt, which no method that prefills the same prompts can
+beat.  JSON + PNG (speed-ups, and output tokens over time) under
+benchmarks/results/.
+
+Concurrency on the CPU (real scheduler, tiny dummy model; speeds there mean nothing):
+
+    python benchmarks/throughput.py --model-config tiny --dtype float32 --workloads conc \
+        --methods none kvzap-mlp --block-size 16 --num-gpu-blocks-override 1056 --prefill-requests 4 --tag concurrency_cpu
 """
 
 from __future__ import annotations
@@ -101,6 +112,8 @@ WORKLOADS = {
     # The same at half the output length (fits one 10-minute device call with two engines).
     "long-4k": (128, 512, 4096),
     "long-smoke": (4, 256, 600),
+    # Concurrency under a small KV pool (with --num-gpu-blocks-override), runnable on the CPU.
+    "conc": (48, 2048, 64),
 }
 # kvzap-threshold: KVzap-MLP in threshold mode (prefill only); kvzap-dms: the same with
 # decode-time eviction (--kv-compression-decode-eviction).
@@ -109,7 +122,10 @@ METHODS = ("FLASH_ATTN", "TRITON_ATTN", "kvzap-mlp", "streaming", "kvzap-thresho
 # template (--tokenizer-from, e.g. the embedded SmolLM2 folder).
 RECONSTRUCTION_METHODS = ("kvzip", "kvzip-plus")
 # Also runnable: SnapKV's observation pass (one extra forward of its 64-token window; no tokenizer needed).
-CHOICES = METHODS + RECONSTRUCTION_METHODS + ("snapkv",)
+# "none": the platform's default backend without compression, the baseline where FLASH_ATTN
+# does not exist (the CPU concurrency run).
+CHOICES = METHODS + RECONSTRUCTION_METHODS + ("snapkv", "none")
+BASELINES = ("FLASH_ATTN", "none")
 KEEP_RATIO = 0.25
 # Log-score threshold of the threshold-mode methods: with the benchmark's surrogate
 # (make_surrogate) it keeps the tokens of KEEP_RATIO of the (layer, KV head) pairs; the kept
@@ -176,8 +192,14 @@ def run_point(args: argparse.Namespace) -> list[dict]:
         seed=0,
         disable_log_stats=False,  # vLLM's 10-second stats lines (running / waiting, KV usage) in the log
     )
+    if args.num_gpu_blocks_override:
+        kwargs["num_gpu_blocks_override"] = args.num_gpu_blocks_override
+    if args.block_size:
+        kwargs["block_size"] = args.block_size
     if args.method in ("FLASH_ATTN", "TRITON_ATTN"):
         kwargs["attention_backend"] = args.method
+    elif args.method == "none":
+        pass  # vLLM's default backend, no compression (the CPU baseline: CPU_ATTN)
     elif args.method in ("kvzap-threshold", "kvzap-dms"):
         settings = {
             "method": "kvzap-mlp", "threshold": args.threshold, "surrogate": args.surrogate,
@@ -346,7 +368,7 @@ class MetricsSampler(threading.Thread):
 
 
 def _compression_stats(llm, method: str) -> dict | None:
-    if method in ("FLASH_ATTN", "TRITON_ATTN"):
+    if method in ("FLASH_ATTN", "TRITON_ATTN", "none"):
         return None
     from vllm_kvzip.backend.state import worker_compression_stats
 
@@ -375,6 +397,9 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--tokenizer-from", default=None, help="folder with a tokenizer.json to copy (optional)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--block-size", type=int, default=0, help="KV block size in tokens (0: the platform's default)")
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=0,
+                        help="KV pool size in blocks (0: what the memory gives); a small pool shows concurrency on the CPU")
     parser.add_argument("--prefill-requests", type=int, default=16)
     parser.add_argument("--sample-interval", type=float, default=0.5, help="seconds between reads of vLLM's metrics")
     parser.add_argument("--baseline-from", default=None,
@@ -481,6 +506,7 @@ def _run_method(args, method: str, model: str, surrogate: str, work: Path, log_p
         sys.executable, __file__, "--point", "--workload", ",".join(args.workloads), "--method", method,
         "--model", model, "--surrogate", surrogate, "--result-file", str(result_file), "--dtype", args.dtype,
         "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+        "--num-gpu-blocks-override", str(args.num_gpu_blocks_override), "--block-size", str(args.block_size),
         "--prefill-requests", str(args.prefill_requests), "--threshold", str(args.threshold),
         "--sample-interval", str(args.sample_interval), "--dump-stacks-after", str(args.dump_stacks_after),
     ]
@@ -523,7 +549,8 @@ def _run_method(args, method: str, model: str, surrogate: str, work: Path, log_p
 def _compare(results: list[dict], workloads: list[str]) -> None:
     """`speedup` and the prefill ratio against FLASH_ATTN; the bound prefill puts on any speedup."""
     for workload in workloads:
-        baseline = next((r for r in results if r["workload"] == workload and r["method"] == "FLASH_ATTN" and "error" not in r), None)
+        baseline = next((r for name in BASELINES for r in results
+                         if r["workload"] == workload and r["method"] == name and "error" not in r), None)
         if baseline is None:
             continue
         # FLASH_ATTN's prefill of every prompt alone (its measured prefill rate): no method that
@@ -532,7 +559,10 @@ def _compare(results: list[dict], workloads: list[str]) -> None:
         for result in results:
             if result["workload"] != workload or "error" in result:
                 continue
+            result["baseline_method"] = baseline["method"]
             result["speedup"] = result["output_tok_per_s"] / baseline["output_tok_per_s"]
+            if baseline.get("peak_running_requests") and result.get("peak_running_requests"):
+                result["peak_running_vs_baseline"] = result["peak_running_requests"] / baseline["peak_running_requests"]
             result["prefill_ratio_vs_flash_attn"] = result["prefill_s"] / baseline["prefill_s"]
             result["flash_attn_prefill_only_s"] = prefill_all
             result["speedup_bound_if_decoding_were_free"] = baseline["wall_s"] / prefill_all

@@ -614,24 +614,30 @@ def _plot(results: list[dict], path: Path) -> None:
     width = 0.8 / max(1, len(methods))
     for index, method in enumerate(methods):
         values = [next((r["speedup"] for r in ok if r["workload"] == w and r["method"] == method), 0) for w in workloads]
-        bars.bar([x + index * width for x in range(len(workloads))], values, width, label=method)
+        bars.bar([x + index * width for x in range(len(workloads))], values, width, label=method, color=f"C{index}")
     for x, workload in enumerate(workloads):
         bound = next((r["speedup_bound_if_decoding_were_free"] for r in ok if r["workload"] == workload), None)
         if bound:
             bars.hlines(bound, x - width / 2, x + width * (len(methods) - 0.5), colors="black", linestyles="dotted")
     bars.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(workloads))], workloads)
-    bars.set_ylabel("output tokens/s vs FLASH_ATTN (dotted: prefill bound)")
+    baselines = sorted({r.get("baseline_method", "FLASH_ATTN") for r in ok})
+    bars.set_ylabel(f"output tokens/s vs {'/'.join(baselines)} (dotted: prefill bound)")
     bars.axhline(1.0, color="grey", linewidth=0.8)
     bars.legend(fontsize=7)
     for axis, workload in zip(axes[1:], workloads):
-        for result in ok:
-            if result["workload"] == workload and result.get("timeline"):
-                times = [s["t"] for s in result["timeline"]]
-                axis.plot(times, [s.get("generation_tokens", 0) for s in result["timeline"]], label=result["method"])
-        axis.set_title(f"{workload}: output tokens generated", fontsize=9)
+        running_axis = axis.twinx()
+        for result in (r for r in ok if r["workload"] == workload and r.get("timeline")):
+            times = [s["t"] for s in result["timeline"]]
+            color = f"C{methods.index(result['method'])}"
+            axis.plot(times, [s.get("generation_tokens", 0) for s in result["timeline"]], color=color, label=result["method"])
+            running_axis.plot(times, [s.get("running", 0) for s in result["timeline"]], color=color, linestyle="dotted", linewidth=0.9)
+        axis.set_title(f"{workload}: output tokens (solid), running requests (dotted)", fontsize=9)
         axis.set_xlabel("seconds")
+        axis.set_ylabel("output tokens generated")
+        running_axis.set_ylabel("requests running")
         axis.legend(fontsize=7)
-    figure.suptitle("vllm-kvzip throughput (dummy weights, one GPU)")
+    devices = sorted({r.get("device") for r in ok if r.get("device")})
+    figure.suptitle(f"vllm-kvzip throughput (dummy weights; {', '.join(devices) or 'unknown device'})")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 

@@ -29,7 +29,7 @@ case "$1" in
     timeout "${KERNEL_TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/kernels > "$OUT/kernel_tests.txt" 2>&1
     tail -8 "$OUT/kernel_tests.txt";;
   throughput)  # issue 5: 8k and 32k, FLASH_ATTN vs kvzap-mlp (keep 0.25), one engine per method
-    python3 benchmarks/throughput.py --workloads 8k 32k --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
+    python3 benchmarks/throughput.py --workloads ${MAIN_WORKLOADS:-8k 32k} --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
         --timeout 290 --out-dir "$OUT" > "$OUT/throughput.txt" 2>&1; tail -12 "$OUT/throughput.txt";;
   throughput8k)  # issue 5, 8k only: FLASH_ATTN vs kvzap-mlp (keep 0.25); engine logs under $OUT/logs
     python3 benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
@@ -51,7 +51,7 @@ case "$1" in
   # FLASH_ATTN from there with --baseline-from), copied to $OUT after every step.
   main)  # issue 5: FLASH_ATTN vs kvzap-mlp (keep 0.25) on 8k and 32k, one engine per method
     mkdir -p /tmp/res
-    python3 benchmarks/throughput.py --workloads 8k 32k --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
+    python3 benchmarks/throughput.py --workloads ${MAIN_WORKLOADS:-8k 32k} --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
         --timeout "${METHOD_TIMEOUT:-270}" --out-dir /tmp/res --tag main > /tmp/res/main.txt 2>&1
     cp -r /tmp/res/. "$OUT/"; tail -7 /tmp/res/main.txt;;
   long6)  # issue 6: long generations, FLASH_ATTN vs kvzap-dms (threshold, decode-time eviction)

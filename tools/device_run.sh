@@ -3,7 +3,7 @@
 #   bash tools/device_run.sh install     # after `.device/p2/stage.sh`: the plugin, editable
 #   bash tools/device_run.sh gguf_a      # keep the first half of the embedded model's GGUF in /tmp
 #   bash tools/device_run.sh model       # join the halves, convert to an HF folder (~/.cache/vllm_kvzip)
-#   (the halves come from `bash tools/split_gguf.sh`, run here before the session)
+#   (the halves and .device/tokenizer come from `bash tools/split_gguf.sh` with the venv active, run here first)
 # Results go under $OUT (the device tool brings them back).
 set -uo pipefail
 source /tmp/site/env.sh || exit 3
@@ -28,13 +28,6 @@ case "$1" in
     tail -25 "$OUT/decode_kernel.txt"
     timeout "${KERNEL_TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/kernels > "$OUT/kernel_tests.txt" 2>&1
     tail -8 "$OUT/kernel_tests.txt";;
-  throughput)  # issue 5: 8k and 32k, FLASH_ATTN vs kvzap-mlp (keep 0.25), one engine per method
-    python3 benchmarks/throughput.py --workloads ${MAIN_WORKLOADS:-8k 32k} --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
-        --timeout 290 --out-dir "$OUT" > "$OUT/throughput.txt" 2>&1; tail -12 "$OUT/throughput.txt";;
-  throughput8k)  # issue 5, 8k only: FLASH_ATTN vs kvzap-mlp (keep 0.25); engine logs under $OUT/logs
-    python3 benchmarks/throughput.py --workloads 8k --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
-        --timeout "${METHOD_TIMEOUT:-380}" --out-dir "$OUT" > "$OUT/throughput.txt" 2>&1; tail -12 "$OUT/throughput.txt"
-    grep -h "vllm-kvzip\|Engine 000" "$OUT"/logs/*kvzap* | tail -30 | cut -c1-300;;
   cuda)  # build csrc/ in place, test the CUDA compaction against the reference, time it against Triton
     timeout 240 python3 setup.py build_ext --inplace > "$OUT/cuda_build.txt" 2>&1; tail -3 "$OUT/cuda_build.txt"
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_compaction_cuda.py -rs 2>&1 | tail -4
@@ -44,9 +37,6 @@ case "$1" in
         > "$OUT/gpu_tests.txt" 2>&1; tail -15 "$OUT/gpu_tests.txt"
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels > "$OUT/kernel_tests.txt" 2>&1
     tail -6 "$OUT/kernel_tests.txt";;
-  long)  # issue 6: long generations, decode-time eviction vs FLASH_ATTN
-    python3 benchmarks/throughput.py --workloads long-4k --methods FLASH_ATTN kvzap-dms --prefill-requests 8 \
-        --timeout 280 --out-dir "$OUT" > "$OUT/long.txt" 2>&1; tail -12 "$OUT/long.txt";;
   # Session 6 plan: results in /tmp/res (kept while the machine stays warm: the kvzip step takes
   # FLASH_ATTN from there with --baseline-from), copied to $OUT after every step.
   main)  # issue 5: FLASH_ATTN vs kvzap-mlp (keep 0.25) on 8k and 32k, one engine per method
@@ -60,9 +50,17 @@ case "$1" in
         --timeout "${METHOD_TIMEOUT:-270}" --out-dir /tmp/res --tag dms > /tmp/res/dms.txt 2>&1
     cp -r /tmp/res/. "$OUT/"; tail -6 /tmp/res/dms.txt;;
   kvzip)  # issue 5: KVzip (keep 0.25) on 8k and 32k: needs a chat template (.device/tokenizer carried along)
-    python3 benchmarks/throughput.py --workloads 8k 32k --methods kvzip --prefill-requests 8 \
-        --tokenizer-from .device/tokenizer --baseline-from /tmp/res/throughput_main.json \
-        --timeout "${METHOD_TIMEOUT:-500}" --out-dir /tmp/res --tag kvzip > /tmp/res/kvzip.txt 2>&1
+    mkdir -p /tmp/res
+    if [ -f /tmp/res/throughput_main.json ]; then base="--methods kvzip --baseline-from /tmp/res/throughput_main.json"
+    else base="--methods FLASH_ATTN kvzip"; fi  # a fresh machine: the baseline in this call
+    python3 benchmarks/throughput.py --workloads ${KVZIP_WORKLOADS:-8k 32k} $base --prefill-requests 8 \
+        --tokenizer-from .device/tokenizer --timeout "${METHOD_TIMEOUT:-500}" --out-dir /tmp/res --tag kvzip \
+        > /tmp/res/kvzip.txt 2>&1
     cp -r /tmp/res/. "$OUT/"; tail -8 /tmp/res/kvzip.txt;;
+  long8k)  # issue 6: 128 x (512 + 8192), where the KV dominates decoding: FLASH_ATTN vs kvzap-dms
+    mkdir -p /tmp/res
+    python3 benchmarks/throughput.py --workloads long --methods FLASH_ATTN kvzap-dms --prefill-requests 8 \
+        --timeout "${METHOD_TIMEOUT:-280}" --out-dir /tmp/res --tag dms8k > /tmp/res/dms8k.txt 2>&1
+    cp -r /tmp/res/. "$OUT/"; tail -6 /tmp/res/dms8k.txt;;
   *) echo "unknown step $1"; exit 2;;
 esac

@@ -8,3 +8,11 @@ size=$(stat -c %s "$GGUF"); half=$(( (size + 1) / 2 ))
 head -c "$half" "$GGUF" > .device/gguf_a/part
 tail -c +"$((half + 1))" "$GGUF" > .device/gguf_b/part
 cat .device/gguf_a/part .device/gguf_b/part | cmp - "$GGUF" && echo "two halves of $GGUF ($size bytes)"
+# The embedded model's tokenizer (chat template included) for the `kvzip` device step: KVzip's
+# repeat prompt needs a chat template, and the dummy 8B model borrows this one.
+model=$(python3 -m vllm_kvzip.models smollm2 2>/dev/null | tail -1)
+mkdir -p .device/tokenizer
+for name in tokenizer.json tokenizer_config.json chat_template.jinja special_tokens_map.json; do
+  [ -f "$model/$name" ] && cp "$model/$name" .device/tokenizer/
+done
+ls .device/tokenizer

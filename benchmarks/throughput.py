@@ -449,8 +449,7 @@ def main() -> int:
     model = make_dummy_model(work / f"{args.model_config}-dummy", args.tokenizer_from, MODEL_CONFIGS[args.model_config])
     surrogate = make_surrogate(model, work / "kvzap-mlp") if any(m.startswith("kvzap") for m in args.methods) else ""
     out_dir = Path(args.out_dir)
-    long_only = all(workload.startswith("long") for workload in args.workloads)
-    stem = ("long_generation" if long_only else "throughput") + (f"_{args.tag}" if args.tag else "")
+    stem = _stem(args.workloads, args.tag)
     log_dir = out_dir / "logs"  # each engine's whole log (git-ignored)
     log_dir.mkdir(parents=True, exist_ok=True)
     results = list(baseline_results)
@@ -459,11 +458,11 @@ def main() -> int:
         results.extend(_run_method(args, method, model, surrogate, work, log_dir / f"{stem}_{method}.log"))
         # Written after every method: a run cut short by the device's time limit keeps what it measured.
         _compare(results, args.workloads)
-        _write(args, results, out_dir, stem)
+        _write(out_dir, stem, results, **_run_header(args))
 
     _compare(results, args.workloads)
     _print_table(results)
-    _write(args, results, out_dir, stem)
+    _write(out_dir, stem, results, **_run_header(args))
     _plot(results, out_dir / f"{stem}.png")
     return 0 if all("error" not in r for r in results) else 1
 
@@ -486,18 +485,24 @@ def _merge(args) -> int:
     workloads = sorted({r["workload"] for r in results})
     _compare(results, workloads)
     _print_table(results)
-    stem = ("long_generation" if all(w.startswith("long") for w in workloads) else "throughput") + (f"_{args.tag}" if args.tag else "")
+    stem = _stem(workloads, args.tag)
     out_dir = Path(args.out_dir)
-    payload = {
-        "commands": commands,
-        "model": " / ".join(sorted(m for m in models if m)),
-        "device": next(iter(devices - {None}), None),
-        "keep_ratio": KEEP_RATIO,
-        "results": results,
-    }
-    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    _write(out_dir, stem, results, commands=commands, model=" / ".join(sorted(m for m in models if m)))
     _plot(results, out_dir / f"{stem}.png")
     return 0
+
+
+def _run_header(args) -> dict:
+    return {
+        "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
+        "model": f"{args.model_config} config, dummy weights, {args.dtype}",
+    }
+
+
+def _stem(workloads: list[str], tag: str) -> str:
+    """Output file name: long-generation runs and the rest are reported apart."""
+    kind = "long_generation" if all(workload.startswith("long") for workload in workloads) else "throughput"
+    return kind + (f"_{tag}" if tag else "")
 
 
 def _run_method(args, method: str, model: str, surrogate: str, work: Path, log_path: Path) -> list[dict]:
@@ -582,10 +587,10 @@ def _print_table(results: list[dict]) -> None:
               f"{result.get('prefill_ratio_vs_flash_attn', float('nan')):9.3f} {result.get('peak_running_requests') or 0:8.0f}")
 
 
-def _write(args, results: list[dict], out_dir: Path, stem: str) -> None:
+def _write(out_dir: Path, stem: str, results: list[dict], **header) -> None:
+    """The results JSON: `header` (the command(s), the model) first, then what every run shares."""
     payload = {
-        "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
-        "model": f"{args.model_config} config, dummy weights, {args.dtype}",
+        **header,
         "device": next((r["device"] for r in results if "device" in r), None),
         "surrogate": "kvzap-* methods: random MLP weights whose output bias makes "
                      f"{KEEP_RATIO} of the (layer, KV head) pairs score +8, the rest -8 (make_surrogate)",

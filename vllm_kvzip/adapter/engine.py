@@ -186,8 +186,8 @@ def _check_method_assets(config: KVCompressionConfig, model_config: Any) -> None
         from vllm_kvzip.backend.kvzap import load_surrogate
 
         try:
-            # Header only: this is vLLM's front-end process, which forks the engine core (see
-            # KVzapSurrogate.load). Reading the weights here would hang that child on the GPU.
+            # Header only: this is vLLM's front-end process, which forks the engine core; when it
+            # read the weights here that child hung on the H100 (see KVzapSurrogate.load).
             load_surrogate(config, model_config, device="meta")
         except (KVzapCheckpointError, OSError, ValueError) as exc:
             raise KVCompressionConfigError(f"--kv-compression-surrogate: {exc}") from None

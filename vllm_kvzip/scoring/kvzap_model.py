@@ -150,8 +150,9 @@ class KVzapSurrogate(nn.Module):
         Returns a KVzapLinear or KVzapMLP (from config.json), whatever class it is called on.
         `device="meta"` checks the checkpoint without reading its weights: config.json and the
         safetensors header (tensor names, shapes, dtype), and returns a weightless module. That is
-        what vLLM's front-end process uses, because any multithreaded CPU op there starts an OpenMP
-        thread pool which a forked engine core cannot use: its first parallel op then hangs.
+        what vLLM's front-end process uses: there the weights are not needed, and when it read them
+        the engine core forked from it hung in its first parallel op on an H100 (session 5; the
+        likely cause, an OpenMP pool started before the fork, did not reproduce on the CPU).
         """
         folder = resolve_checkpoint_folder(str(name_or_path))
         try:

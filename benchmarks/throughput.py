@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -467,6 +468,25 @@ def main() -> int:
     return 0 if all("error" not in r for r in results) else 1
 
 
+# The worker's per-request log line (vllm_kvzip.backend.state.compression_log_line): "... freed F of B
+# blocks, 1017.9 ms (scoring_ms 1014.4)".
+_COMPRESSION_LINE = re.compile(r"compressed \(([\w+-]+)\): kept .*?, freed (\d+) of \d+ blocks, ([\d.]+) ms(?: \(scoring_ms ([\d.]+)\))?")
+
+
+def compressions_in_log(log_text: str) -> dict | None:
+    """Count and mean cost of the compressions an engine logged (a run that timed out has no stats RPC)."""
+    matches = _COMPRESSION_LINE.findall(log_text)
+    if not matches:
+        return None
+    count = len(matches)
+    return {
+        "compressed_requests": count,
+        "compression_ms_per_request": sum(float(m[2]) for m in matches) / count,
+        "scoring_ms_per_request": sum(float(m[3] or 0.0) for m in matches) / count,
+        "freed_blocks": sum(int(m[1]) for m in matches),
+    }
+
+
 def _merge(args) -> int:
     """One JSON + PNG from runs made in turn on one warm machine (each run's commands are kept)."""
     results, commands, devices, models = [], [], set(), set()
@@ -482,6 +502,10 @@ def _merge(args) -> int:
             results.append(result)
     if len(devices - {None}) > 1:
         raise SystemExit(f"--merge: results from different devices {sorted(devices - {None})}: compare within one machine")
+    # A method that failed in one run (a timeout, say) and ran to the end in another: the run that
+    # finished stands, the failure stays in the log of its command.
+    finished = {(r["workload"], r["method"]) for r in results if "error" not in r}
+    results = [r for r in results if "error" not in r or (r["workload"], r["method"]) not in finished]
     workloads = sorted({r["workload"] for r in results})
     _compare(results, workloads)
     _print_table(results)
@@ -537,7 +561,11 @@ def _run_method(args, method: str, model: str, surrogate: str, work: Path, log_p
     log_tail = log_path.read_text(errors="replace")[-6000:]
     if failed or not result_file.exists():
         print(f"   FAILED after {time.perf_counter() - started:.0f} s\n{log_tail}", flush=True)
-        return [{"workload": workload, "method": method, "error": log_tail[-3000:]} for workload in args.workloads]
+        failure = {"error": log_tail[-3000:], "failed_after_s": round(time.perf_counter() - started, 1)}
+        partial = compressions_in_log(log_path.read_text(errors="replace"))
+        if partial:
+            failure["compressions_before_failure"] = partial  # what a timed-out run still tells
+        return [dict(failure, workload=workload, method=method) for workload in args.workloads]
     results = json.loads(result_file.read_text())
     for result in results:
         print(f"   {result['workload']}: {result['output_tok_per_s']:.0f} output tok/s, wall {result['wall_s']:.1f} s, "

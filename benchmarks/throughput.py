@@ -576,6 +576,9 @@ def _run_method(args, method: str, model: str, surrogate: str, work: Path, log_p
             print(f"   compression: {stats['compression_ms_per_request']:.1f} ms per request "
                   f"(scoring pass {stats['scoring_ms_per_request']:.1f} ms), {stats['compressed_requests']} requests, "
                   f"kept fraction {stats['kept_fraction']:.3f}", flush=True)
+            if stats.get("decode_foldings"):
+                print(f"   decode-time foldings: {stats['decode_foldings']}, of which re-packs: "
+                      f"{stats.get('decode_repacks', 'n/a')}", flush=True)
     return results
 
 

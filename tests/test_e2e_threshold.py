@@ -17,7 +17,12 @@ import torch
 
 import vllm_kvzip
 from vllm_kvzip.block_manager.geometry import cdiv
-from vllm_kvzip.block_manager.plan import container_blocks_needed, pages_per_head
+from vllm_kvzip.block_manager.plan import (
+    RESERVE_FOLDINGS,
+    container_blocks_needed,
+    pages_per_head,
+    plan_retirement_layout,
+)
 
 from tests.conftest import close_engine
 from tests.engine_helpers import question_prompt, recorded
@@ -115,10 +120,16 @@ def test_threshold_mode_with_decode_eviction_matches_the_oracle(engine, embedded
             assert 0.05 < recorded_keep.float().mean() < 0.9  # the threshold really evicts, and keeps
             # The scheduler freed exactly what the oracle's foldings free (the only compressed request).
             assert freed_by_engine == sum(freed for _, _, freed in reference.folded_blocks)
-            # The prefill folding, from its keep-set: pages of all layers packed together, L * H per block.
+            # The prefill folding, from its keep-set: pages of all layers packed together, L * H per
+            # block, each pair with room for RESERVE_FOLDINGS more foldings at its rate.
             first, end, freed_first = reference.folded_blocks[0]
             kept = recorded_keep[:, :, : end * BLOCK_SIZE].sum(dim=-1)
-            assert first == 0 and freed_first == end - container_blocks_needed(kept, BLOCK_SIZE)
+            empty = torch.zeros_like(kept)
+            layout = plan_retirement_layout(empty, empty, 0, kept, end * BLOCK_SIZE, end, BLOCK_SIZE, WINDOW)
+            assert first == 0 and freed_first == end - layout.num_container_blocks
+            room = layout.num_container_blocks - container_blocks_needed(kept, BLOCK_SIZE)
+            assert 0 <= room <= cdiv(int((pages_per_head(kept + RESERVE_FOLDINGS * WINDOW, BLOCK_SIZE)
+                                          - pages_per_head(kept, BLOCK_SIZE)).sum()), kept.numel()) + 1
             # Per-layer packing (one KV tensor per layer) needed the busiest layer's pages in every layer.
             busiest_layer = int(pages_per_head(kept, BLOCK_SIZE).sum(dim=-1).max())
             per_layer_freed = end - cdiv(busiest_layer, kept.shape[1])
@@ -127,8 +138,9 @@ def test_threshold_mode_with_decode_eviction_matches_the_oracle(engine, embedded
 
 
 def test_long_generation_stays_within_the_threshold_bound(engine):
-    """A 4,000-token generation: after every step the scheduler holds exactly the blocks the
-    kept tokens need (every layer's head pages packed together) plus the dense tail, and
+    """A 4,000-token generation: after every step the scheduler holds exactly the worker's container
+    blocks (every layer's head pages packed together, with bounded room for later foldings) plus
+    the dense tail, and
     vLLM's free block count shows what decode-time eviction gave back."""
     from vllm import SamplingParams
 
@@ -142,6 +154,7 @@ def test_long_generation_stays_within_the_threshold_bound(engine):
     prompt = _prompt(engine, "variable", 3, 600)
     max_tokens = 4000
     start = pool.get_num_free_blocks()
+    retirements_before, repacks_before = state.total_retirements, state.total_repacks
     llm_engine.add_request("long", {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     peak_held = 0
     generated = 0
@@ -165,7 +178,11 @@ def test_long_generation_stays_within_the_threshold_bound(engine):
         kept = keep.sum(dim=-1)
         # Tokens in the cache: the prompt and every generated token but the newest.
         tokens = len(prompt) + generated - 1
-        assert held == container_blocks_needed(kept, BLOCK_SIZE) + cdiv(tokens, BLOCK_SIZE) - entry.dense_start_block
+        assert held == len(entry.containers) + cdiv(tokens, BLOCK_SIZE) - entry.dense_start_block
+        # The containers: the kept tokens' pages, plus at most RESERVE_FOLDINGS foldings of room per pair.
+        tight = container_blocks_needed(kept, BLOCK_SIZE)
+        assert tight <= len(entry.containers) <= tight + cdiv(int(pages_per_head(
+            torch.full_like(kept, RESERVE_FOLDINGS * WINDOW + BLOCK_SIZE), BLOCK_SIZE).sum()), kept.numel())
         checked += 1
         foldings = entry.retirements
         freed_now = manager.threshold_freed_blocks[request_id]
@@ -176,6 +193,9 @@ def test_long_generation_stays_within_the_threshold_bound(engine):
     # is skipped and retried with the next interval), giving blocks back to vLLM's pool while the
     # request ran.
     assert foldings >= 2, foldings
+    # The room a re-pack leaves: some decode-time foldings wrote only their new tokens.
+    decode_foldings = state.total_retirements - retirements_before
+    assert 0 < state.total_repacks - repacks_before < decode_foldings, (state.total_repacks - repacks_before, decode_foldings)
     assert freed_now > freed_after_prefill, (freed_after_prefill, freed_now)
     dense_blocks = cdiv(len(prompt) + max_tokens, BLOCK_SIZE)
     assert peak_held < dense_blocks

@@ -9,9 +9,12 @@ from hypothesis import strategies as st
 
 from vllm_kvzip.block_manager.geometry import CompressionGeometry, cdiv, max_head_pages
 from vllm_kvzip.block_manager.plan import (
+    RESERVE_FOLDINGS,
     container_blocks_needed,
     container_flat_blocks,
+    head_page_spans,
     page_flat_slots,
+    pages_per_head,
     plan_request_compaction,
     plan_retirement,
 )
@@ -239,12 +242,16 @@ def test_plan_refuses_more_pages_than_the_containers_hold():
     block_size=st.sampled_from([1, 4, 16]),
     foldings=st.lists(st.tuples(st.integers(1, 6), st.floats(0.0, 1.0)), min_size=1, max_size=4),
     skew=st.booleans(),
+    with_room=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_repeated_retirements_keep_every_kept_token_in_order(num_layers, num_kv_heads, block_size, foldings, skew, seed):
-    """Each folding re-packs old kept tokens + newly kept ones into the fewest container blocks
-    (pages packed across layers); every (layer, head) read back through the page layout is
-    exactly its kept tokens in position order, and blocks never used as containers are free."""
+def test_repeated_retirements_keep_every_kept_token_in_order(
+    num_layers, num_kv_heads, block_size, foldings, skew, with_room, seed
+):
+    """Each folding writes the newly kept tokens after the old ones of their pair, re-packing every
+    pair (pages packed across layers, with room for later foldings) when they do not fit; every
+    (layer, head) read back through the page layout is exactly its kept tokens in position order,
+    pairs never share a page, and the containers stay within the room a re-pack may leave."""
     generator = torch.Generator().manual_seed(seed)
     total_blocks = sum(blocks for blocks, _ in foldings)
     blocks_per_layer = total_blocks + 5
@@ -262,15 +269,22 @@ def test_repeated_retirements_keep_every_kept_token_in_order(num_layers, num_kv_
         retired = physical[start_block : start_block + blocks]
         draws = torch.rand(num_layers, num_kv_heads, blocks * block_size, generator=generator)
         keep = draws < keep_probability * layer_scale[:, None, None]
-        plan = plan_retirement(kept_len, page_start, containers, keep, retired, block_size, blocks_per_layer)
+        interval = blocks * block_size if with_room else None  # None: tight, no room for later foldings
+        plan = plan_retirement(
+            kept_len, page_start, containers, keep, retired, block_size, blocks_per_layer, interval_tokens=interval
+        )
         _apply(cache, plan)
         for layer in range(num_layers):
             for head in range(num_kv_heads):
                 positions = (keep[layer, head].nonzero().flatten() + start_block * block_size).tolist()
                 expected[layer][head] += [_label(layer, head, p) for p in positions]
+        held_before = containers.numel()
+        if not plan.repacked:  # only the new tokens moved, straight from the folded blocks
+            assert plan.new_container_blocks == 0 and plan.num_staged == 0
+            assert plan.src_slots.numel() == int(keep.sum())
+            assert torch.equal(plan.page_start, page_start.to(torch.int32))
         containers = torch.cat([containers, retired[: plan.new_container_blocks]])
-        assert plan.num_container_blocks == containers.numel() == container_blocks_needed(plan.kept_len, block_size)
-        # Blocks were freed exactly when the pages of every layer fit fewer blocks than were folded.
+        assert plan.num_container_blocks == containers.numel()
         assert plan.new_container_blocks <= blocks
         kept_len, page_start = plan.kept_len, plan.page_start
         start_block += blocks
@@ -278,9 +292,19 @@ def test_repeated_retirements_keep_every_kept_token_in_order(num_layers, num_kv_
             for head in range(num_kv_heads):
                 got = _pair_tokens(cache, kept_len, page_start, layer, head, containers, num_layers, block_size)
                 assert got[:, 0].tolist() == expected[layer][head]
-        pages = (kept_len.long() + block_size - 1) // block_size
-        assert int(pages.sum()) <= containers.numel() * num_layers * num_kv_heads
-        assert containers.numel() == cdiv(int(pages.sum()), num_layers * num_kv_heads)
+        # Every pair's pages lie in its own span (pairs in order, no page shared), inside the containers.
+        pages = pages_per_head(kept_len.long(), block_size)
+        spans = head_page_spans(page_start, containers.numel())
+        assert bool((spans >= pages).all()) and bool((spans >= 0).all())
+        # Memory: the tight layout plus at most RESERVE_FOLDINGS foldings like this one per pair (a
+        # page at least), or the containers held before.
+        tight = container_blocks_needed(kept_len, block_size)
+        if with_room:
+            room = max(RESERVE_FOLDINGS * blocks * block_size, block_size)
+            bound = cdiv(int(pages_per_head(kept_len.long() + room, block_size).sum()), num_layers * num_kv_heads)
+            assert tight <= containers.numel() <= max(held_before, bound)
+        elif plan.repacked:
+            assert containers.numel() == max(held_before, tight)  # the fewest blocks (or those already held)
 
 
 def test_cross_layer_folding_frees_what_the_average_layer_keeps():
@@ -292,3 +316,88 @@ def test_cross_layer_folding_frees_what_the_average_layer_keeps():
     empty = torch.zeros(num_layers, num_kv_heads, dtype=torch.int32)
     plan = plan_retirement(empty, empty, torch.zeros(0, dtype=torch.int64), keep, torch.arange(blocks), block_size, 20)
     assert plan.num_container_blocks == plan.new_container_blocks == 2  # 16 pages / (4 layers x 2 heads)
+
+
+def _folding_sequence(num_layers, num_kv_heads, block_size, keep_per_block, foldings, blocks_per_folding):
+    """Fold `foldings` ranges of `blocks_per_folding` blocks, pair (l, h) keeping `keep_per_block[l, h]`
+    tokens of every block; returns the plans, the final layout and the cache read back per pair."""
+    total_blocks = foldings * blocks_per_folding
+    blocks_per_layer = total_blocks + 2
+    physical = torch.arange(total_blocks)
+    cache = _labelled_cache(num_layers, blocks_per_layer, num_kv_heads, block_size, physical)
+    kept_len = torch.zeros(num_layers, num_kv_heads, dtype=torch.int32)
+    page_start = torch.zeros_like(kept_len)
+    containers = torch.zeros(0, dtype=torch.int64)
+    plans = []
+    offsets = torch.arange(block_size)
+    for folding in range(foldings):
+        retired = physical[folding * blocks_per_folding : (folding + 1) * blocks_per_folding]
+        keep = (offsets[None, None, :] < keep_per_block[:, :, None]).repeat(1, 1, blocks_per_folding)
+        plan = plan_retirement(
+            kept_len, page_start, containers, keep, retired, block_size, blocks_per_layer,
+            interval_tokens=blocks_per_folding * block_size,
+        )
+        _apply(cache, plan)
+        plans.append(plan)
+        containers = torch.cat([containers, retired[: plan.new_container_blocks]])
+        kept_len, page_start = plan.kept_len, plan.page_start
+    return plans, kept_len, page_start, containers, cache
+
+
+def test_a_steady_rate_repacks_once_per_reserved_foldings():
+    """Every pair keeps the same share of every folding: a re-pack leaves room for RESERVE_FOLDINGS
+    more, so the old tokens move at most once every RESERVE_FOLDINGS + 1 foldings, and the foldings
+    in between write only their new tokens and free every folded block."""
+    num_layers, num_kv_heads, block_size, foldings, blocks_per_folding = 3, 2, 4, 16, 8
+    keep_per_block = torch.tensor([[1, 0], [0, 1], [1, 0]])
+    plans, kept_len, page_start, containers, cache = _folding_sequence(
+        num_layers, num_kv_heads, block_size, keep_per_block, foldings, blocks_per_folding
+    )
+    repacks = [index for index, plan in enumerate(plans) if plan.repacked]
+    assert repacks[0] == 0
+    assert all(b - a >= RESERVE_FOLDINGS + 1 for a, b in zip(repacks, repacks[1:])), repacks
+    assert len(repacks) <= cdiv(foldings, RESERVE_FOLDINGS + 1)
+    for plan in plans:
+        if not plan.repacked:
+            assert plan.src_slots.numel() == int(keep_per_block.sum()) * blocks_per_folding
+            assert plan.new_container_blocks == 0  # every folded block freed
+    _assert_reads_back(cache, kept_len, page_start, containers, keep_per_block, foldings * blocks_per_folding)
+
+
+def test_room_beyond_the_folded_blocks_shrinks_but_still_saves_repacks():
+    """Pairs keep so much of every folding that RESERVE_FOLDINGS foldings of room would need more
+    blocks than a folding gives back: the room shrinks so that every folding still frees a block,
+    and some foldings still leave the old tokens where they are."""
+    num_layers, num_kv_heads, block_size, foldings, blocks_per_folding = 3, 2, 4, 16, 2
+    keep_per_block = torch.tensor([[4, 1], [0, 2], [3, 0]])
+    plans, kept_len, page_start, containers, cache = _folding_sequence(
+        num_layers, num_kv_heads, block_size, keep_per_block, foldings, blocks_per_folding
+    )
+    assert all(plan.new_container_blocks < blocks_per_folding for plan in plans)  # a block freed each time
+    assert 0 < sum(not plan.repacked for plan in plans)
+    assert sum(plan.repacked for plan in plans) < foldings
+    # Never more containers than the kept tokens need plus a folding's blocks.
+    assert containers.numel() <= container_blocks_needed(kept_len, block_size) + blocks_per_folding
+    _assert_reads_back(cache, kept_len, page_start, containers, keep_per_block, foldings * blocks_per_folding)
+
+
+def _assert_reads_back(cache, kept_len, page_start, containers, keep_per_block, total_blocks):
+    num_layers, num_kv_heads = keep_per_block.shape
+    block_size = cache.shape[2]
+    for layer in range(num_layers):
+        for head in range(num_kv_heads):
+            got = _pair_tokens(cache, kept_len, page_start, layer, head, containers, num_layers, block_size)
+            positions = [p for p in range(total_blocks * block_size) if p % block_size < keep_per_block[layer, head]]
+            assert got[:, 0].tolist() == [_label(layer, head, p) for p in positions]
+
+
+def test_a_repack_that_would_keep_every_folded_block_packs_tight():
+    """The first folding keeps everything in one layer: room for three more such foldings would
+    need more blocks than were folded, so the pairs are packed tight and blocks are still freed."""
+    num_layers, num_kv_heads, block_size, blocks = 4, 2, 4, 8
+    keep = torch.zeros(num_layers, num_kv_heads, blocks * block_size, dtype=torch.bool)
+    keep[0] = True
+    empty = torch.zeros(num_layers, num_kv_heads, dtype=torch.int32)
+    plan = plan_retirement(empty, empty, torch.zeros(0, dtype=torch.int64), keep, torch.arange(blocks), block_size, 20)
+    assert plan.repacked and plan.num_container_blocks == 2  # 16 pages / (4 layers x 2 heads): tight
+    assert plan.page_start.flatten().tolist() == [0, 8] + [16] * 6

@@ -163,10 +163,12 @@ def retire_dense_blocks(
     """Threshold mode: fold the dense tail's blocks before the newest `window` tokens into the head pages.
 
     Of the folded tokens, those whose KVzap log-score is >= the threshold (and
-    the attention sinks) are kept; everything kept so far stays kept.  The
-    request's head pages are re-packed into the fewest container blocks
-    (the old ones, then the first folded blocks) and the other folded blocks
-    are reported to the scheduler, which frees them.  Skipped when no block
+    the attention sinks) are kept; everything kept so far stays kept.  They
+    are written after their pair's old tokens when every pair's pages have
+    room; otherwise the request's head pages are re-packed, with room for the
+    next foldings, into container blocks (the old ones, then the first folded
+    blocks; `plan_retirement_layout`).  The other folded blocks are reported
+    to the scheduler, which frees them.  Skipped when no block
     would be freed.  `block_ids` is the worker's block-table row (logical ->
     physical); `set_block_ids(request_id, first, ids)` rewrites part of it so
     that container `i` is logical block `i`, which is where the decode kernels
@@ -191,7 +193,10 @@ def retire_dense_blocks(
     else:
         kept_len, page_start = state.table.kept_len[slot], state.table.page_start[slot]
     containers = torch.tensor(entry.containers, dtype=torch.int64, device=device)
-    plan = plan_retirement(kept_len, page_start, containers, keep, retired, bs, state.num_blocks_per_layer)
+    plan = plan_retirement(
+        kept_len, page_start, containers, keep, retired, bs, state.num_blocks_per_layer,
+        interval_tokens=retire_interval_blocks(state) * bs,
+    )
     freed = (end_block - first_block) - plan.new_container_blocks
     if freed <= 0:
         return 0  # everything would stay: keep the blocks dense, try again with a longer tail
@@ -216,7 +221,7 @@ def retire_dense_blocks(
     entry.kept_tokens = int(plan.kept_len.sum())
     entry.retirements += 1
     state.report_freed_blocks(entry, first_block + plan.new_container_blocks, end_block, num_tokens)
-    state.record_retirement(entry, num_tokens, freed, time.perf_counter() - started)
+    state.record_retirement(entry, num_tokens, freed, time.perf_counter() - started, repacked=plan.repacked)
     return freed
 
 

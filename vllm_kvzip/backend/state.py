@@ -123,6 +123,7 @@ class WorkerCompressionState:
         self.total_evictable_tokens = 0
         self.total_freed_blocks = 0
         self.total_retirements = 0  # decode-time (DMS) foldings of the dense tail
+        self.total_repacks = 0  # of those, the ones that re-packed every kept token (plan.RESERVE_FOLDINGS)
         # Threshold mode: blocks the worker freed, for the scheduler (sent with the
         # next ModelRunnerOutput): request id -> {"admission": tokens at admission, "ranges":
         # [(first, end) logical blocks], "kept_entries": first folding's kept count or None}.
@@ -185,7 +186,9 @@ class WorkerCompressionState:
             line += f" (scoring_ms {scoring_seconds * 1e3:.1f})"
         logger().info("vllm-kvzip: %s", line)
 
-    def record_retirement(self, entry: "RequestEntry", num_tokens: int, freed_blocks: int, seconds: float) -> None:
+    def record_retirement(
+        self, entry: "RequestEntry", num_tokens: int, freed_blocks: int, seconds: float, repacked: bool = True
+    ) -> None:
         """Threshold mode: one folding of the dense tail (the first one happens right after the prefill)."""
         pairs = self.num_layers * self.num_kv_heads
         first = entry.retirements == 1
@@ -196,6 +199,7 @@ class WorkerCompressionState:
             self.total_evictable_tokens += entry.evictable_tokens * pairs
         else:
             self.total_retirements += 1
+            self.total_repacks += int(repacked)
         # The block total is kept by report_freed_blocks; one log line per request
         # (its prefill), the decode-time foldings at debug level.
         log = logger().info if first else logger().debug
@@ -224,6 +228,7 @@ class WorkerCompressionState:
             "kept_fraction": self.total_kept_tokens / max(1, self.total_evictable_tokens),
             "freed_blocks": self.total_freed_blocks,
             "decode_foldings": self.total_retirements,
+            "decode_repacks": self.total_repacks,
             "scoring_seconds": self.total_scoring_seconds,
             "scoring_ms_per_request": 1e3 * self.total_scoring_seconds / max(1, self.total_compressed),
             "compression_seconds": self.total_compression_seconds,

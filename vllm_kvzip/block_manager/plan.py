@@ -167,15 +167,104 @@ def ragged_flat_slots(
     return layers, heads, token_ranks, slots
 
 
+# A re-pack gives every pair room for this many more foldings at the rate it kept tokens in the
+# folding that re-packed (at least one spare page): with contiguous head pages, a pair that
+# outgrows its pages shifts every pair after it, so re-packing at every folding would move all of
+# the request's kept tokens every `window` decode steps (measured on the H100: 3.1 ms per folding,
+# 15% of a 512 + 8192 generation).  In between, a folding only writes its newly kept tokens.
+RESERVE_FOLDINGS = 3
+
+
+def head_page_spans(page_start: torch.Tensor, num_container_blocks: int) -> torch.Tensor:
+    """[L, H] pages each pair may fill before the next pair's pages (the last: up to the containers' end)."""
+    starts = page_start.reshape(-1).to(torch.int64)
+    end = torch.full((1,), num_container_blocks * starts.numel(), dtype=torch.int64, device=starts.device)
+    return (torch.cat([starts[1:], end]) - starts).reshape(page_start.shape)
+
+
+def reserved_head_pages(new_kept: torch.Tensor, added: torch.Tensor, folded_tokens: int, interval_tokens: int,
+                        block_size: int) -> torch.Tensor:
+    """[L, H] pages a re-pack gives each pair: its kept tokens, plus RESERVE_FOLDINGS foldings of
+    `interval_tokens` at the rate it kept this folding's `folded_tokens` (at least one page)."""
+    slack = -(-RESERVE_FOLDINGS * interval_tokens * added // max(1, folded_tokens))  # ceil, integers
+    return pages_per_head(new_kept + slack.clamp(min=block_size), block_size)
+
+
+@dataclass
+class RetirementLayout:
+    """Where every pair's pages are after a folding: the decisions, without the moves.
+
+    `repacked` False: every pair's kept tokens still fit the pages it had, nothing old moves and
+    no container is added.  True: pairs laid out again from page 0, with room (RESERVE_FOLDINGS)
+    as far as the folded blocks allow while one of them is freed.
+    """
+
+    kept_len: torch.Tensor  # [L, H] int64
+    page_start: torch.Tensor  # [L, H] int64
+    num_container_blocks: int
+    new_container_blocks: int
+    repacked: bool
+
+
+def plan_retirement_layout(
+    kept_len: torch.Tensor,
+    page_start: torch.Tensor,
+    held_blocks: int,
+    added: torch.Tensor,
+    folded_tokens: int,
+    folded_blocks: int,
+    block_size: int,
+    interval_tokens: int | None,
+) -> RetirementLayout:
+    """The layout after folding `folded_blocks` dense blocks whose kept counts per pair are `added`.
+
+    The worker (`plan_retirement`) and the transformers reference of the vLLM path
+    (`vllm_kvzip.scoring.vllm_reference`) both decide with this function.  Raises when even the
+    tight layout needs more containers than the held and folded blocks.  `interval_tokens` None:
+    a re-pack leaves no room (the tight layout).
+    """
+    old = kept_len.to(torch.int64)
+    new_kept = old + added.to(device=old.device, dtype=torch.int64)
+    needed = pages_per_head(new_kept, block_size)
+    page_start = page_start.to(device=old.device, dtype=torch.int64)
+    if bool((needed <= head_page_spans(page_start, held_blocks)).all()):
+        return RetirementLayout(new_kept, page_start, held_blocks, 0, repacked=False)
+    pairs = new_kept.numel()
+    if interval_tokens is None:
+        reserved = needed
+    else:
+        reserved = reserved_head_pages(new_kept, added.to(old.device), folded_tokens, interval_tokens, block_size)
+    reserved_total, needed_total = torch.stack([reserved.sum(), needed.sum()]).tolist()
+    # The room comes out of the folded blocks (the only blocks that can become containers), and a
+    # folding frees at least one of them: past that, every pair's room shrinks in proportion.
+    room_cap = (held_blocks + folded_blocks - 1) * pairs
+    if reserved_total <= room_cap:
+        pages, total = reserved, reserved_total
+    elif needed_total <= room_cap:
+        pages = needed + (reserved - needed) * (room_cap - needed_total) // (reserved_total - needed_total)
+        total = int(pages.sum())
+    else:
+        pages, total = needed, needed_total  # frees nothing: the caller skips it, or it does not fit
+    blocks = max(held_blocks, -(-total // pairs))
+    if blocks > held_blocks + folded_blocks:
+        raise ValueError(f"{blocks} container blocks needed: {held_blocks} held, {folded_blocks} blocks retired")
+    flat = pages.reshape(-1)
+    starts = (torch.cumsum(flat, dim=0) - flat).reshape(pages.shape)
+    return RetirementLayout(new_kept, starts, blocks, blocks - held_blocks, repacked=True)
+
+
 @dataclass
 class RetirementPlan:
     """Fold a block range of the dense tail into the head pages (threshold mode).
 
     The request's kept tokens so far stay kept; of the retired blocks'
-    tokens, those in `keep` join them.  Every (layer, head) is re-packed from
-    page 0 into the container blocks (the old ones, then the first blocks of
-    the retired range), across layers, so the moves overlap: the staged ones
-    (sources in a container) are applied gather-then-scatter on the flat cache.
+    tokens, those in `keep` join them.  When they fit the pairs' pages
+    (`repacked` False) only the new tokens move, from retired blocks into
+    containers, so nothing is staged.  Otherwise every (layer, head) is
+    re-packed from page 0 into the container blocks (the old ones, then the
+    first blocks of the retired range), across layers, so the moves overlap:
+    the staged ones (sources in a container) are applied gather-then-scatter
+    on the flat cache.
     """
 
     kept_len: torch.Tensor  # [L, H] int32, after the retirement
@@ -185,6 +274,7 @@ class RetirementPlan:
     num_staged: int  # moves whose source is in a container (old or new): read before any write
     num_container_blocks: int  # container blocks after the retirement
     new_container_blocks: int  # how many of them are taken from the start of the retired range
+    repacked: bool = True  # False: the old kept tokens stayed where they were
 
 
 def plan_retirement(
@@ -195,6 +285,7 @@ def plan_retirement(
     retired_block_ids: torch.Tensor,
     block_size: int,
     blocks_per_layer: int,
+    interval_tokens: int | None = None,
 ) -> RetirementPlan:
     """Plan folding retired dense blocks into the head pages.
 
@@ -204,42 +295,49 @@ def plan_retirement(
         tokens of the retired blocks (in position order) are kept.
     retired_block_ids: physical ids of the retired dense blocks, in order; the
         first ones become new container blocks when the kept tokens need them.
+    interval_tokens: tokens between two foldings, which sizes the room a
+        re-pack leaves (None: no room, every pair packed tight).
     """
     num_layers, num_kv_heads, retired_tokens = keep.shape
     if retired_tokens != retired_block_ids.numel() * block_size:
         raise ValueError(f"keep covers {retired_tokens} tokens, the retired blocks hold {retired_block_ids.numel() * block_size}")
     device = keep.device
-    old_kept = kept_len.to(device=device, dtype=torch.int64)
-    new_kept = old_kept + keep.sum(dim=-1)
-    num_blocks = container_blocks_needed(new_kept, block_size)
     held = container_block_ids.numel()
-    new_blocks = num_blocks - held
-    if new_blocks < 0 or new_blocks > retired_block_ids.numel():
-        raise ValueError(f"{num_blocks} container blocks needed: {held} held, {retired_block_ids.numel()} blocks retired")
-    old_containers = container_flat_blocks(container_block_ids.to(device), num_layers, blocks_per_layer)
-    all_block_ids = torch.cat(
-        [container_block_ids.to(device=device, dtype=torch.int64), retired_block_ids.to(device=device, dtype=torch.int64)[:new_blocks]]
+    layout = plan_retirement_layout(
+        kept_len.to(device), page_start, held, keep.sum(dim=-1), retired_tokens, retired_block_ids.numel(), block_size,
+        interval_tokens,
     )
-    all_containers = container_flat_blocks(all_block_ids, num_layers, blocks_per_layer)
-    new_page_start = global_page_starts(new_kept, block_size)
-    # Old tokens keep their rank; retired ones follow them in position order.
-    old_layers, old_heads, old_ranks, old_src = ragged_flat_slots(old_kept, page_start, old_containers, block_size)
+    old_kept = kept_len.to(device=device, dtype=torch.int64)
+    container_ids = container_block_ids.to(device=device, dtype=torch.int64)
+    retired_ids = retired_block_ids.to(device=device, dtype=torch.int64)
+    all_containers = container_flat_blocks(
+        torch.cat([container_ids, retired_ids[: layout.new_container_blocks]]), num_layers, blocks_per_layer
+    )
+    # Newly kept tokens follow the old ones of their pair, in position order.
     layers, heads, positions = keep.nonzero(as_tuple=True)
     ranks = old_kept[layers, heads] + torch.cumsum(keep.to(torch.int64), dim=-1)[layers, heads, positions] - 1
-    src = dense_flat_slots(layers, positions, heads, retired_block_ids, num_kv_heads, block_size, blocks_per_layer)
-    layers = torch.cat([old_layers, layers])
-    heads = torch.cat([old_heads, heads])
-    ranks = torch.cat([old_ranks, ranks])
-    src = torch.cat([old_src, src])
-    dst_pages = new_page_start[layers, heads] + ranks // block_size
+    src = dense_flat_slots(layers, positions, heads, retired_ids, num_kv_heads, block_size, blocks_per_layer)
+    if layout.repacked:
+        # Old tokens keep their rank and move to their pair's new pages.
+        old_containers = container_flat_blocks(container_ids, num_layers, blocks_per_layer)
+        old_layers, old_heads, old_ranks, old_src = ragged_flat_slots(old_kept, page_start, old_containers, block_size)
+        layers = torch.cat([old_layers, layers])
+        heads = torch.cat([old_heads, heads])
+        ranks = torch.cat([old_ranks, ranks])
+        src = torch.cat([old_src, src])
+    dst_pages = layout.page_start[layers, heads] + ranks // block_size
     dst = page_flat_slots(dst_pages, ranks % block_size, all_containers, num_kv_heads, block_size)
-    src, dst, num_staged = stage_overwritten_sources(src, dst, all_containers, num_kv_heads, block_size)
+    if layout.repacked:
+        src, dst, num_staged = stage_overwritten_sources(src, dst, all_containers, num_kv_heads, block_size)
+    else:
+        num_staged = 0  # sources in retired blocks that stay out of the containers, destinations in containers
     return RetirementPlan(
-        kept_len=new_kept.to(torch.int32),
-        page_start=new_page_start.to(torch.int32),
+        kept_len=layout.kept_len.to(torch.int32),
+        page_start=layout.page_start.to(torch.int32),
         src_slots=src,
         dst_slots=dst,
         num_staged=num_staged,
-        num_container_blocks=num_blocks,
-        new_container_blocks=new_blocks,
+        num_container_blocks=layout.num_container_blocks,
+        new_container_blocks=layout.new_container_blocks,
+        repacked=layout.repacked,
     )

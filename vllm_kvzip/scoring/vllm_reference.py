@@ -7,7 +7,9 @@ keeps `CompressionGeometry.kept_tokens` tokens over all (layer, KV head) pairs
 under the budget policy (`--kv-compression-policy`, default global), and
 decoding attends each KV head's kept tokens plus the tail.  Threshold mode
 folds the tail under the worker's rules, whose "does this folding free a
-block?" test counts head pages packed across layers (`container_blocks_needed`).  `generate_like_vllm` does exactly that with a transformers model, its
+block?" test counts head pages packed across layers, with the room a re-pack
+leaves each pair (`plan_retirement_layout`, the function the worker decides
+with).  `generate_like_vllm` does exactly that with a transformers model, its
 dense cache turned into vllm_kvzip's ragged per-head cache, so the vLLM path's
 keep-sets and greedy outputs can be checked against it token for token.
 
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 
 from vllm_kvzip.block_manager.geometry import CompressionGeometry
-from vllm_kvzip.block_manager.plan import container_blocks_needed
+from vllm_kvzip.block_manager.plan import plan_retirement_layout
 from vllm_kvzip.config import KVCompressionConfig, request_keep_ratio, request_uses_threshold
 from vllm_kvzip.scoring.context import context_scores
 from vllm_kvzip.scoring.base import build_scorer
@@ -235,6 +237,7 @@ def _generate_with_folding(
     scores = [layer_scores for layer_scores in prompt_scores]  # per layer [H, tokens so far]
     decided = torch.zeros(num_layers, num_kv_heads, 0, dtype=torch.bool)  # decisions for [0, dense start)
     kept_len = torch.zeros(num_layers, num_kv_heads, dtype=torch.int64)
+    page_start = torch.zeros_like(kept_len)
     containers = 0
     dense_start_block = 0
     interval = max(1, config.window // block_size)
@@ -242,7 +245,7 @@ def _generate_with_folding(
     folded: list[tuple[int, int, int]] = []
 
     def fold(total_tokens: int) -> None:
-        nonlocal decided, kept_len, containers, dense_start_block, next_block, ragged
+        nonlocal decided, kept_len, page_start, containers, dense_start_block, next_block, ragged
         end_block = max(0, (total_tokens - config.window) // block_size)
         first_block = dense_start_block
         next_block = max(end_block, first_block) + interval
@@ -251,16 +254,19 @@ def _generate_with_folding(
         span = torch.arange(first_block * block_size, end_block * block_size, device=device)
         layer_scores = torch.stack([scores[layer][:, span] for layer in range(num_layers)])
         keep = (layer_scores >= config.threshold) | (span < config.sink_tokens)
-        new_kept = kept_len + keep.sum(-1).cpu()
-        needed = container_blocks_needed(new_kept, block_size)
-        freed = (end_block - first_block) - (needed - containers)
+        layout = plan_retirement_layout(
+            kept_len, page_start, containers, keep.sum(-1).cpu(), span.numel(), end_block - first_block, block_size,
+            interval * block_size,
+        )
+        freed = (end_block - first_block) - layout.new_container_blocks
         if freed <= 0:
             return
         decided = torch.cat([decided, keep.cpu()], dim=-1)
         full = torch.ones(num_layers, num_kv_heads, total_tokens, dtype=torch.bool, device=device)
         full[:, :, : decided.shape[-1]] = decided.to(device)
         ragged = RaggedKVCache([_fold_layer(layer, full[index]) for index, layer in enumerate(ragged.layers)])
-        kept_len, containers, dense_start_block = new_kept, needed, end_block
+        kept_len, page_start, containers = layout.kept_len, layout.page_start, layout.num_container_blocks
+        dense_start_block = end_block
         folded.append((first_block, end_block, freed))
 
     fold(num_tokens)

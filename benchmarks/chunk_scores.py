@@ -12,12 +12,11 @@ a whole 8k prompt (32 layers x 4 chunks).  Writes `benchmarks/results/chunk_scor
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
 
+from result_files import write_results
 from vllm_kvzip.backend.ops.chunk_scores import kvzip_chunk_scores_triton
 from vllm_kvzip.scoring.functional import kvzip_chunk_scores
 
@@ -73,16 +72,12 @@ def main() -> int:
               f"({point['speedup']:.1f}x); per 8k prompt {point['torch_ms_per_8k_prompt']:.0f} -> "
               f"{point['triton_ms_per_8k_prompt']:.0f} ms; max rel error {max_rel_error:.2e}", flush=True)
     payload = {
-        "command": "python benchmarks/chunk_scores.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(),
         "shapes": {"kv_heads": kv_heads, "group": group, "head_dim": head_dim, "sinks": sinks, "dtype": "bfloat16",
                    "layers_for_8k": layers},
         "points": points,
     }
-    out = Path(args.out_dir) / ("chunk_scores" + (f"_{args.tag}" if args.tag else "") + ".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1))
-    print(f"wrote {out}")
+    write_results(args.out_dir, "chunk_scores", args.tag, payload)
     return 0
 
 

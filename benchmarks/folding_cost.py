@@ -20,14 +20,13 @@ Writes `benchmarks/results/folding_cost[_TAG].json`.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from result_files import write_results
 from vllm_kvzip.block_manager.plan import container_blocks_needed, plan_retirement
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, SINKS = 32, 8, 128, 16, 4
@@ -148,16 +147,12 @@ def main() -> int:
                  if args.apply else ""), flush=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     payload = {
-        "command": "python benchmarks/folding_cost.py " + " ".join(sys.argv[1:]),
         "device": device_name,
         "shapes": {"layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
                    "prompt": args.prompt, "output": args.output, "window": args.window, "keep": args.keep},
         "results": results,
     }
-    out = Path(args.out_dir) / ("folding_cost" + (f"_{args.tag}" if args.tag else "") + ".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1))
-    print(f"wrote {out}")
+    write_results(args.out_dir, "folding_cost", args.tag, payload)
     return 0
 
 

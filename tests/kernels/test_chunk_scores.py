@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vllm_kvzip.backend.ops.chunk_scores import kvzip_chunk_scores_triton
-from vllm_kvzip.scoring.functional import KVzipPlusTerms, kvzip_chunk_scores, output_projection_gram, output_value_norms
+from vllm_kvzip.scoring.functional import KVzipPlusTerms, kvzip_chunk_scores, output_projection_gram
 
 ON_GPU = torch.cuda.is_available()
 
@@ -60,10 +60,10 @@ def test_chunk_scores_kvzip_plus_match_the_reference():
     plus = KVzipPlusTerms(values_chunk=values, o_proj_weight=None, hidden_norms=hidden_norms, o_proj_gram=gram)
     expected = kvzip_chunk_scores(queries, sink, chunk, repeat, scaling=0.125, plus=plus)
     device = "cuda" if ON_GPU else "cpu"
+    plus_on_device = KVzipPlusTerms(values_chunk=values.to(device), o_proj_weight=None,
+                                    hidden_norms=hidden_norms.to(device), o_proj_gram=gram.to(device))
     got = kvzip_chunk_scores_triton(
-        queries.to(device), sink.to(device), chunk.to(device), repeat.to(device), scaling=0.125,
-        query_scale=(1.0 / hidden_norms).to(device),
-        value_norms=output_value_norms(values, None, group, gram=gram).to(device),
+        queries.to(device), sink.to(device), chunk.to(device), repeat.to(device), scaling=0.125, plus=plus_on_device
     )
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-6)
 

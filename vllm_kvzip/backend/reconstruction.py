@@ -42,12 +42,7 @@ import torch
 from torch import Tensor
 
 from vllm_kvzip.block_manager.geometry import cdiv
-from vllm_kvzip.scoring.functional import (
-    KVzipPlusTerms,
-    kvzip_chunk_scores,
-    output_projection_gram,
-    output_value_norms,
-)
+from vllm_kvzip.scoring.functional import KVzipPlusTerms, kvzip_chunk_scores, output_projection_gram
 from vllm_kvzip.scoring.reconstruction import RepeatPrompt, prompt_reconstruction_chunks
 
 # Logits one SDPA call may materialise off the fused CUDA path: at most this many elements.
@@ -257,21 +252,17 @@ def score_kvzip_chunk(
             hidden_norms=hidden_norms,
             o_proj_gram=metadata.o_proj_grams[layer_name],
         )
-    sink_keys, chunk_keys = context_keys[:, metadata.sink[0] : metadata.sink[1]], context_keys[:, start:end]
+    score_chunk = kvzip_chunk_scores
     if grouped.is_cuda:
         # The fused kernel: the torch definition's float32 logits per KV head were most of a pass.
-        from vllm_kvzip.backend.ops.chunk_scores import kvzip_chunk_scores_triton
-
-        query_scale = value_norms = None
-        if plus is not None:
-            query_scale = 1.0 / plus.hidden_norms.float().clamp_min(torch.finfo(torch.float32).tiny)
-            value_norms = output_value_norms(plus.values_chunk, None, grouped.shape[1], gram=plus.o_proj_gram)
-        metadata.scores[layer, :, start:end] = kvzip_chunk_scores_triton(
-            grouped, sink_keys, chunk_keys, repeat_keys, scaling=scale, query_scale=query_scale, value_norms=value_norms
-        )
-        return
-    metadata.scores[layer, :, start:end] = kvzip_chunk_scores(
-        grouped, sink_keys, chunk_keys, repeat_keys, scaling=scale, plus=plus
+        from vllm_kvzip.backend.ops.chunk_scores import kvzip_chunk_scores_triton as score_chunk
+    metadata.scores[layer, :, start:end] = score_chunk(
+        grouped,
+        context_keys[:, metadata.sink[0] : metadata.sink[1]],
+        context_keys[:, start:end],
+        repeat_keys,
+        scaling=scale,
+        plus=plus,
     )
 
 

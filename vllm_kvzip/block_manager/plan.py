@@ -32,10 +32,16 @@ def pages_per_head(kept_len: torch.Tensor, block_size: int) -> torch.Tensor:
     return (kept_len + block_size - 1) // block_size
 
 
+def page_starts(pages: torch.Tensor) -> torch.Tensor:
+    """[L, H] first page of every (layer, head) given the pages each one gets: exclusive prefix
+    sum over the pairs in order."""
+    flat = pages.reshape(-1)
+    return (torch.cumsum(flat, dim=0) - flat).reshape(pages.shape)
+
+
 def global_page_starts(kept_len: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[L, H] first page of every (layer, head): exclusive prefix sum over the pairs in order."""
-    pages = pages_per_head(kept_len, block_size).reshape(-1)
-    return (torch.cumsum(pages, dim=0) - pages).reshape(kept_len.shape)
+    """[L, H] first page of every (layer, head) when each gets just the pages its kept tokens fill."""
+    return page_starts(pages_per_head(kept_len, block_size))
 
 
 def container_flat_blocks(container_block_ids: torch.Tensor, num_layers: int, blocks_per_layer: int) -> torch.Tensor:
@@ -224,7 +230,8 @@ def plan_retirement_layout(
     a re-pack leaves no room (the tight layout).
     """
     old = kept_len.to(torch.int64)
-    new_kept = old + added.to(device=old.device, dtype=torch.int64)
+    added = added.to(device=old.device, dtype=torch.int64)
+    new_kept = old + added
     needed = pages_per_head(new_kept, block_size)
     page_start = page_start.to(device=old.device, dtype=torch.int64)
     if bool((needed <= head_page_spans(page_start, held_blocks)).all()):
@@ -233,7 +240,7 @@ def plan_retirement_layout(
     if interval_tokens is None:
         reserved = needed
     else:
-        reserved = reserved_head_pages(new_kept, added.to(old.device), folded_tokens, interval_tokens, block_size)
+        reserved = reserved_head_pages(new_kept, added, folded_tokens, interval_tokens, block_size)
     reserved_total, needed_total = torch.stack([reserved.sum(), needed.sum()]).tolist()
     # The room comes out of the folded blocks (the only blocks that can become containers), and a
     # folding frees at least one of them: past that, every pair's room shrinks in proportion.
@@ -248,9 +255,7 @@ def plan_retirement_layout(
     blocks = max(held_blocks, -(-total // pairs))
     if blocks > held_blocks + folded_blocks:
         raise ValueError(f"{blocks} container blocks needed: {held_blocks} held, {folded_blocks} blocks retired")
-    flat = pages.reshape(-1)
-    starts = (torch.cumsum(flat, dim=0) - flat).reshape(pages.shape)
-    return RetirementLayout(new_kept, starts, blocks, blocks - held_blocks, repacked=True)
+    return RetirementLayout(new_kept, page_starts(pages), blocks, blocks - held_blocks, repacked=True)
 
 
 @dataclass

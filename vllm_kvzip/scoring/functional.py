@@ -67,6 +67,15 @@ def output_value_norms(
     return squared.clamp_min(0.0).sqrt()
 
 
+def kvzip_plus_factors(plus: KVzipPlusTerms, group_size: int) -> tuple[Tensor, Tensor]:
+    """KVzip+'s two factors of a weight a_ji: 1 / ||h_j|| per repeat query [q] and ||W_O^(qh) v_i||
+    per query head and chunk value [H, G, m] (float32; the first is constant over keys, the
+    second over queries, so a score may apply them before or after its max)."""
+    value_norms = output_value_norms(plus.values_chunk, plus.o_proj_weight, group_size, gram=plus.o_proj_gram)
+    inverse_hidden = 1.0 / plus.hidden_norms.float().clamp_min(torch.finfo(torch.float32).tiny)
+    return inverse_hidden, value_norms
+
+
 def kvzip_chunk_scores(
     queries: Tensor,
     keys_sink: Tensor,
@@ -105,10 +114,8 @@ def kvzip_chunk_scores(
     rows = slice(*score_rows) if score_rows is not None else slice(0, num_queries)
     # Repeat query j sees repeat key i only if i <= j.
     hidden_from = ~torch.ones(num_queries, num_queries, dtype=torch.bool, device=queries.device).tril()
-    value_norms = None
     if plus is not None:
-        value_norms = output_value_norms(plus.values_chunk, plus.o_proj_weight, group_size, gram=plus.o_proj_gram)
-        inverse_hidden = 1.0 / plus.hidden_norms.float().clamp_min(torch.finfo(torch.float32).tiny)
+        inverse_hidden, value_norms = kvzip_plus_factors(plus, group_size)
     scores = torch.empty(num_kv_heads, num_chunk, dtype=torch.float32, device=queries.device)
     per_head = group_size * num_queries * (num_sink + num_chunk + num_queries)
     step = max(1, min(num_kv_heads, max_elements // max(1, per_head)))

@@ -26,8 +26,38 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from vllm_kvzip.scoring.functional import KVzipPlusTerms, kvzip_plus_factors
+
 BLOCK_QUERIES = 64
 BLOCK_KEYS = 64
+
+
+@triton.jit
+def _load_query_rows(queries_ptr, head, group, rows, row_mask, stride_qh, stride_qg, stride_qi, HEAD_DIM: tl.constexpr):
+    """Queries [BLOCK_Q, d] of one (KV head, group member) at `rows` (0 outside `row_mask`)."""
+    dims = tl.arange(0, HEAD_DIM)
+    return tl.load(
+        queries_ptr + head * stride_qh + group * stride_qg + rows[:, None] * stride_qi + dims[None, :],
+        mask=row_mask[:, None], other=0.0,
+    )
+
+
+@triton.jit
+def _load_key_rows(keys_ptr, head, cols, col_mask, stride_kh, stride_kj, HEAD_DIM: tl.constexpr):
+    """Keys [BLOCK_K, d] of one KV head at `cols` of [sink | chunk | repeat] (0 outside `col_mask`)."""
+    dims = tl.arange(0, HEAD_DIM)
+    return tl.load(keys_ptr + head * stride_kh + cols[:, None] * stride_kj + dims[None, :],
+                   mask=col_mask[:, None], other=0.0)
+
+
+@triton.jit
+def _scaled_logits(query, key, scale, IEEE: tl.constexpr):
+    """[BLOCK_Q, BLOCK_K] float32 query . key * scale (IEEE products for float32 inputs, not TF32)."""
+    if IEEE:
+        logits = tl.dot(query, tl.trans(key), input_precision="ieee")
+    else:
+        logits = tl.dot(query, tl.trans(key))
+    return logits * scale
 
 
 @triton.jit
@@ -54,24 +84,16 @@ def _row_lse_kernel(
     head = head_group // num_group
     group = head_group % num_group
     rows = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    dims = tl.arange(0, HEAD_DIM)
     row_mask = rows < num_queries
-    query = tl.load(
-        queries_ptr + head * stride_qh + group * stride_qg + rows[:, None] * stride_qi + dims[None, :],
-        mask=row_mask[:, None], other=0.0,
-    )
+    query = _load_query_rows(queries_ptr, head, group, rows, row_mask, stride_qh, stride_qg, stride_qi, HEAD_DIM)
     running_max = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_Q], tl.float32)
     # Keys past num_fixed + the block's last query are hidden from every query of the block.
     last_key = tl.minimum(num_keys, num_fixed + (tl.program_id(1) + 1) * BLOCK_Q)
     for key_start in range(0, last_key, BLOCK_K):
         cols = key_start + tl.arange(0, BLOCK_K)
-        key = tl.load(keys_ptr + head * stride_kh + cols[:, None] * stride_kj + dims[None, :],
-                      mask=(cols < num_keys)[:, None], other=0.0)
-        if IEEE:
-            logits = tl.dot(query, tl.trans(key), input_precision="ieee") * scale
-        else:
-            logits = tl.dot(query, tl.trans(key)) * scale
+        key = _load_key_rows(keys_ptr, head, cols, cols < num_keys, stride_kh, stride_kj, HEAD_DIM)
+        logits = _scaled_logits(query, key, scale, IEEE)
         visible = (cols[None, :] < num_fixed) | ((cols[None, :] - num_fixed) <= rows[:, None])
         visible = visible & (cols[None, :] < num_keys)
         logits = tl.where(visible, logits, float("-inf"))
@@ -111,25 +133,17 @@ def _column_max_kernel(
     head = head_group // num_group
     group = head_group % num_group
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # chunk key indices
-    dims = tl.arange(0, HEAD_DIM)
     col_mask = cols < num_chunk
-    key = tl.load(keys_ptr + head * stride_kh + (num_sink + cols)[:, None] * stride_kj + dims[None, :],
-                  mask=col_mask[:, None], other=0.0)
+    key = _load_key_rows(keys_ptr, head, num_sink + cols, col_mask, stride_kh, stride_kj, HEAD_DIM)
     # Weights are >= 0, so 0 is the identity of the max (rows outside [first_row, end_row) add 0).
     best = tl.zeros([BLOCK_K], tl.float32)
     for row_start in range(first_row, end_row, BLOCK_Q):
         rows = row_start + tl.arange(0, BLOCK_Q)
         row_mask = rows < end_row
-        query = tl.load(
-            queries_ptr + head * stride_qh + group * stride_qg + rows[:, None] * stride_qi + dims[None, :],
-            mask=row_mask[:, None], other=0.0,
-        )
+        query = _load_query_rows(queries_ptr, head, group, rows, row_mask, stride_qh, stride_qg, stride_qi, HEAD_DIM)
         lse = tl.load(lse_ptr + head_group * num_queries + rows, mask=row_mask, other=float("inf"))
         query_scale = tl.load(query_scale_ptr + rows, mask=row_mask, other=0.0)
-        if IEEE:
-            logits = tl.dot(query, tl.trans(key), input_precision="ieee") * scale
-        else:
-            logits = tl.dot(query, tl.trans(key)) * scale
+        logits = _scaled_logits(query, key, scale, IEEE)
         weights = tl.exp(logits - lse[:, None]) * query_scale[:, None]
         weights = tl.where(row_mask[:, None], weights, 0.0)
         best = tl.maximum(best, tl.max(weights, axis=0))
@@ -143,14 +157,13 @@ def kvzip_chunk_scores_triton(
     keys_repeat: Tensor,
     *,
     scaling: float,
-    query_scale: Tensor | None = None,
-    value_norms: Tensor | None = None,
+    plus: KVzipPlusTerms | None = None,
     score_rows: tuple[int, int] | None = None,
 ) -> Tensor:
-    """KVzip chunk scores [H, m] float32, as `kvzip_chunk_scores` (same argument meanings).
+    """KVzip chunk scores [H, m] float32, as `kvzip_chunk_scores` (same arguments).
 
-    KVzip+ comes as its two factors: `query_scale` [q] (1 / ||h_i||) and `value_norms` [H, G, m]
-    (||W_O^g v_k||, `output_value_norms`).  Query and key dtypes must match (fp16, bf16 or fp32;
+    KVzip+'s factors (`kvzip_plus_factors`) go in as they are: 1 / ||h_i|| inside the max over
+    queries, ||W_O^g v_k|| after it.  Keys are cast to the queries' dtype (fp16, bf16 or fp32;
     fp32 uses IEEE products, not TF32).
     """
     num_kv_heads, num_group, num_queries, head_dim = queries.shape
@@ -174,8 +187,10 @@ def kvzip_chunk_scores_triton(
     _row_lse_kernel[(num_kv_heads * num_group, triton.cdiv(num_queries, BLOCK_QUERIES))](
         queries, keys, lse, num_group, num_queries, num_keys, num_sink + num_chunk, float(scaling), *strides, **common
     )
-    if query_scale is None:
-        query_scale = torch.ones(num_queries, dtype=torch.float32, device=device)
+    if plus is not None:
+        query_scale, value_norms = kvzip_plus_factors(plus, num_group)
+    else:
+        query_scale, value_norms = torch.ones(num_queries, dtype=torch.float32, device=device), None
     per_group = torch.empty(num_kv_heads * num_group, num_chunk, dtype=torch.float32, device=device)
     _column_max_kernel[(num_kv_heads * num_group, triton.cdiv(num_chunk, BLOCK_KEYS))](
         queries, keys, lse, query_scale.to(device=device, dtype=torch.float32).contiguous(), per_group,

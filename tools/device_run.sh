@@ -9,6 +9,10 @@ set -uo pipefail
 source /tmp/site/env.sh || exit 3
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# Result tags name the card (h100 or h200): the device tool may lend either, and ratios are only
+# comparable within one card.
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oE 'H[0-9]+' | tr H h)
+GPU=${GPU:-gpu}
 case "$1" in
   install)
     # The CUDA kernels are built by the `cuda` step (a minute of nvcc), not on every install.
@@ -66,8 +70,15 @@ case "$1" in
     cp -r /tmp/res/. "$OUT/"; grep -v INFO "/tmp/res/dms8k_${methods// /_}.txt" | tail -6;;
   scoring)  # issue 5: KVzip chunk scoring, Triton kernel vs the torch definition (one layer, 8B shapes)
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_chunk_scores.py 2>&1 | tail -2
-    timeout 120 python3 benchmarks/chunk_scores.py --out-dir "$OUT" --tag h100 2>&1 | tail -4;;
+    timeout 120 python3 benchmarks/chunk_scores.py --out-dir "$OUT" --tag "$GPU" 2>&1 | tail -4;;
   folding)  # issue 6: decode-time folding cost with and without room, plans and compactions timed
-    python3 benchmarks/folding_cost.py --device cuda --apply --out-dir "$OUT" --tag h100 2>&1 | tail -4;;
+    python3 benchmarks/folding_cost.py --device cuda --apply --out-dir "$OUT" --tag "$GPU" 2>&1 | tail -4;;
+  soak)  # issue 7: vllm serve under 32 clients, the embedded model's real weights in float32, a pool
+    # they overfill (preemptions); after the drain no page may be held, and every completed request
+    # must give the same tokens alone.  Needs the `model` step first.
+    timeout "${SOAK_TIMEOUT:-560}" python3 benchmarks/soak.py --method "${SOAK_METHOD:-kvzap-mlp}" --requests "${SOAK_REQUESTS:-160}" --concurrency 32 \
+        --max-tokens 128 --ignore-eos --prompt-tokens 64,6000 --max-model-len 8192 --duration "${SOAK_DURATION:-240}" \
+        --server-args="--num-gpu-blocks-override 1000" --output "$OUT/soak_$GPU.json" > "$OUT/soak_$GPU.txt" 2>&1
+    grep -v INFO "$OUT/soak_$GPU.txt" | tail -15;;
   *) echo "unknown step $1"; exit 2;;
 esac

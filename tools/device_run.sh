@@ -65,8 +65,9 @@ case "$1" in
     # Both engines take ~650 s, over one call's 600: LONG8K_METHODS=FLASH_ATTN in one call and
     # LONG8K_METHODS=kvzap-dms in the next on the warm machine (tags differ), joined here with --merge.
     mkdir -p /tmp/res; methods=${LONG8K_METHODS:-kvzap-dms}
+    # LONG8K_BASELINE=<an earlier JSON with FLASH_ATTN on `long`>: ratio against it instead (say so).
     python3 benchmarks/throughput.py --workloads long --methods $methods --prefill-requests 8 \
-        --timeout "${METHOD_TIMEOUT:-480}" --out-dir /tmp/res --tag "dms8k_${methods// /_}" > "/tmp/res/dms8k_${methods// /_}.txt" 2>&1
+        ${LONG8K_BASELINE:+--baseline-from "$LONG8K_BASELINE"} --timeout "${METHOD_TIMEOUT:-480}" --out-dir /tmp/res --tag "dms8k_${methods// /_}" > "/tmp/res/dms8k_${methods// /_}.txt" 2>&1
     cp -r /tmp/res/. "$OUT/"; grep -v INFO "/tmp/res/dms8k_${methods// /_}.txt" | tail -6;;
   scoring)  # issue 5: KVzip chunk scoring, Triton kernel vs the torch definition (one layer, 8B shapes)
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_chunk_scores.py 2>&1 | tail -2

@@ -27,7 +27,9 @@ Token-level equality needs batch-invariant numerics: on a GPU, bf16 kernels choo
 reduction orders for different batch shapes, so greedy outputs can legitimately drift between the
 concurrent and the sequential run.  `--dtype float32` (the default) makes that rare; with bf16 read
 `mismatched_outputs` as numerics unless the mismatches cluster on preempted or compressed requests
-(the JSON lists each mismatch with its first differing position).
+(the JSON lists each mismatch with its first differing position, and the digests of the keep-sets
+both runs compressed it with: `same_keep_sets` false means the scores differed at the keep boundary,
+true that the outputs diverged while decoding).
 
 CPU (the committed results; a 66-block pool (1056 tokens) and --ignore-eos force preemptions; on a
 shared machine add VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS=1, as these runs did):
@@ -37,13 +39,16 @@ shared machine add VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS=1, as these 
         --server-args="--num-gpu-blocks-override 66" --output benchmarks/results/soak_cpu.json
     # the same with --method kvzap-mlp --output benchmarks/results/soak_cpu_kvzap.json
 
-GPU (one H100; an estimate of 5 minutes each, not run yet).  Correctness under preemption: the embedded model with its
-real weights in float32 (prefills through TRITON_ATTN, FlashAttention has no float32), CUDA graphs
-and async scheduling on, a 1000-block pool (16k tokens) that 32 clients overfill:
+GPU (one H100), the embedded model with its real weights in float32 (prefills through TRITON_ATTN,
+FlashAttention has no float32), CUDA graphs and async scheduling on (`tools/device_run.sh soak`).
+Run 2026-12-07, `benchmarks/results/soak_h100.json`: 128 requests, 0 failed, 0 leaked pages, 1 of
+109 outputs different (a compressed request, from its 4th token), but 0 preemptions: compression
+kept the 1000-block pool below full (peak 937).  The device step now uses 600 blocks (SOAK_BLOCKS),
+which 32 clients with prompts up to 6000 tokens must overfill:
 
-    python benchmarks/soak.py --requests 240 --concurrency 32 --max-tokens 128 --ignore-eos \
-        --prompt-tokens 64,6000 --max-model-len 8192 --duration 400 \
-        --server-args="--num-gpu-blocks-override 1000" --output benchmarks/results/soak_h100.json
+    python benchmarks/soak.py --method kvzap-mlp --requests 128 --concurrency 32 --max-tokens 128 \
+        --ignore-eos --prompt-tokens 64,6000 --max-model-len 8192 --duration 200 \
+        --server-args="--num-gpu-blocks-override 600" --output benchmarks/results/soak_h100.json
 
 Load, memory and kernels of a real deployment (Llama-3.1-8B shapes, random weights, bf16; random
 weights make greedy ties everywhere, so outputs are not compared):
@@ -77,6 +82,7 @@ from vllm_kvzip.eval.server import (  # noqa: E402
     EngineSnapshot,
     VLLMServer,
     compressions_in_log,
+    keep_sets_in_log,
     wait_until_drained,
 )
 from vllm_kvzip.eval.synthetic import TASKS, make_example  # noqa: E402
@@ -316,13 +322,37 @@ async def sequential_phase(client, specs: dict[int, Spec], results: list[Result]
 
 
 def compressions_by_index(log: str, phase: str) -> dict[int, list[int]]:
-    found: dict[int, list[int]] = {}
+    """Soak request index -> token counts at which it was compressed in `phase` ("c" or "s")."""
+    return by_soak_index(compressions_in_log(log), phase)
+
+
+def by_soak_index(per_request: dict[str, list], phase: str) -> dict[int, list]:
+    """Engine request ids of one phase ("soak-c-00017-..." or "soak-s-00017[-k]-...") -> soak index."""
+    found: dict[int, list] = {}
     marker = f"soak-{phase}-"
-    for request_id, counts in compressions_in_log(log).items():
+    for request_id, values in per_request.items():
         if marker in request_id:
             index = int(request_id.split(marker, 1)[1][:5])
-            found.setdefault(index, []).extend(counts)
+            found.setdefault(index, []).extend(values)
     return found
+
+
+def classify_mismatches(mismatches: list[dict], log: str) -> int:
+    """Add each mismatch's keep-set digests from both phases; return how many kept the same tokens.
+
+    Same keep-sets: the outputs diverged while decoding (batch-dependent numerics or a decode
+    bug).  Different keep-sets: the scores differed at the keep boundary, so the runs evicted
+    different tokens (scoring numerics depend on the batch a prefill ran in).
+    """
+    digests = keep_sets_in_log(log)
+    concurrent, sequential = by_soak_index(digests, "c"), by_soak_index(digests, "s")
+    same = 0
+    for mismatch in mismatches:
+        ours, alone = concurrent.get(mismatch["index"], []), sequential.get(mismatch["index"], [])
+        mismatch["keep_sets"] = {"concurrent": ours, "sequential": alone}
+        mismatch["same_keep_sets"] = bool(ours) and ours == alone
+        same += mismatch["same_keep_sets"]
+    return same
 
 
 def device_name() -> str:
@@ -404,10 +434,11 @@ async def run(args) -> dict:
         drained = await asyncio.to_thread(wait_until_drained, base, 300.0)
         log = server.log()
         compressions = compressions_by_index(log, "c")
-        compared, mismatches = 0, []
+        compared, mismatches, same_keep_sets = 0, [], 0
         if not args.no_compare:
             print("sequential phase", flush=True)
             compared, mismatches = await sequential_phase(client, by_index, results, compressions, args)
+            same_keep_sets = classify_mismatches(mismatches, server.log())
         final = await asyncio.to_thread(wait_until_drained, base, 300.0)
         alive = server.alive()
 
@@ -423,6 +454,8 @@ async def run(args) -> dict:
         "preemptions": drained.preemptions - at_start.preemptions,
         "mismatched_outputs": len(mismatches),
         "compared_outputs": compared,
+        # Of the mismatched compressed requests, those whose two runs kept the same tokens.
+        "mismatches_with_same_keep_sets": same_keep_sets,
         "device": device_name(),
         "model": args.model or "SmolLM2-135M-Instruct (embedded)",
         "method": args.method,
@@ -513,7 +546,7 @@ def main(argv=None) -> int:
     output.write_text(json.dumps(summary, indent=1) + "\n")
     keys = ("requests", "completed", "disconnected", "rejected_as_expected", "concurrency", "failed_requests",
             "leaked_pages", "preemptions", "compressed_requests", "recompressed_after_preemption",
-            "compared_outputs", "mismatched_outputs", "duration_s", "output_tokens_per_s", "peak_blocks_in_use",
+            "compared_outputs", "mismatched_outputs", "mismatches_with_same_keep_sets", "duration_s", "output_tokens_per_s", "peak_blocks_in_use",
             "kv_blocks")
     print("\n".join(f"{key:>30}: {summary[key]}" for key in keys))
     print(f"written: {output}")

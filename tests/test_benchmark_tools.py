@@ -1,4 +1,5 @@
-"""benchmarks/throughput.py's bookkeeping: what a timed-out run still reports, and --merge."""
+"""Benchmark bookkeeping: what a timed-out throughput run still reports, --merge, and how the soak tells
+a scoring difference from a decoding one (keep-set digests in the worker log)."""
 
 from __future__ import annotations
 
@@ -9,28 +10,40 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from vllm_kvzip.backend.state import compression_log_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def throughput():
-    spec = importlib.util.spec_from_file_location("throughput_bench", ROOT / "benchmarks" / "throughput.py")
+def _load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-def _log_line(request_id: str, freed: int, seconds: float, scoring_ms: float | None) -> str:
+@pytest.fixture(scope="module")
+def soak():
+    return _load_benchmark("soak")
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return _load_benchmark("throughput")
+
+
+def _log_line(
+    request_id: str, freed: int, seconds: float, scoring_ms: float | None, keep_digest: str | None = None
+) -> str:
     """A worker log line exactly as `WorkerCompressionState.record_compression` writes it."""
-    entry = SimpleNamespace(request_id=request_id, kept_tokens=2019 * 256, evictable_tokens=8064)
+    entry = SimpleNamespace(
+        request_id=request_id, kept_tokens=2019 * 256, evictable_tokens=8064, keep_digest=keep_digest
+    )
     geometry = SimpleNamespace(num_tokens=8192, evictable_tokens=8064, freed_blocks=freed, block_size=16)
-    line = compression_log_line(entry, geometry, 256, "kvzip", seconds)
-    if scoring_ms is not None:
-        line += f" (scoring_ms {scoring_ms:.1f})"
+    line = compression_log_line(entry, geometry, 256, "kvzip", seconds, (scoring_ms or 0.0) / 1e3)
     return f"(EngineCore pid=1) INFO 12-06 23:58:52 [state.py:186] vllm-kvzip: {line}"
 
 
@@ -46,6 +59,9 @@ def test_compressions_in_log_reads_the_worker_lines(throughput):
     assert stats["freed_blocks"] == 746
     assert stats["compression_ms_per_request"] == pytest.approx((1017.9 + 967.5) / 2)
     assert stats["scoring_ms_per_request"] == pytest.approx((1014.4 + 965.0) / 2)
+    # The keep-set digest after the times changes none of it.
+    with_digest = throughput.compressions_in_log(_log_line("1-a", 376, 1.0179, 1014.4, "0badcafe"))
+    assert with_digest["scoring_ms_per_request"] == pytest.approx(1014.4)
     # Without a scoring pass (KVzap) the line has no scoring_ms.
     assert throughput.compressions_in_log(_log_line("3-c", 10, 0.003, None))["scoring_ms_per_request"] == 0.0
     assert throughput.compressions_in_log("no compression here") is None
@@ -74,3 +90,37 @@ def test_merge_keeps_the_finished_run_of_a_method_that_timed_out_once(throughput
     by_method = {r["method"]: r for r in merged["results"]}
     assert "error" not in by_method["FLASH_ATTN"]
     assert by_method["kvzap-dms"]["speedup"] == pytest.approx(2.0)
+
+
+def test_keep_set_digest_names_the_mask():
+    from vllm_kvzip.backend.compressor import keep_set_digest
+
+    generator = torch.Generator().manual_seed(0)
+    keep = torch.rand(3, 2, 500, generator=generator) < 0.3
+    digest = keep_set_digest(keep)
+    assert len(digest) == 8 and digest == keep_set_digest(keep.clone())
+    flipped = keep.clone()
+    flipped[2, 1, 499] = ~flipped[2, 1, 499]
+    moved = keep.clone()  # the same count, one kept token moved to another position
+    first_kept = int(keep[0, 0].nonzero()[0])
+    first_evicted = int((~keep[0, 0]).nonzero()[0])
+    moved[0, 0, first_kept], moved[0, 0, first_evicted] = False, True
+    swapped_heads = keep.flip(1)
+    assert len({digest, keep_set_digest(flipped), keep_set_digest(moved), keep_set_digest(swapped_heads)}) == 4
+
+
+def test_soak_classifies_a_mismatch_by_its_keep_sets(soak):
+    log = "\n".join([
+        _log_line("cmpl-soak-c-00003-0-aa", 10, 0.01, None, "11111111"),
+        _log_line("cmpl-soak-c-00017-0-bb", 10, 0.01, None, "22222222"),
+        _log_line("cmpl-soak-s-00003-cc", 10, 0.01, None, "11111111"),
+        _log_line("cmpl-soak-s-00017-dd", 10, 0.01, None, "33333333"),
+    ])
+    mismatches = [{"index": 3}, {"index": 17}, {"index": 40}]  # 40: never compressed
+    assert soak.classify_mismatches(mismatches, log) == 1
+    assert mismatches[0]["same_keep_sets"] and mismatches[0]["keep_sets"]["sequential"] == ["11111111"]
+    assert not mismatches[1]["same_keep_sets"]
+    assert mismatches[1]["keep_sets"] == {"concurrent": ["22222222"], "sequential": ["33333333"]}
+    assert not mismatches[2]["same_keep_sets"]
+    # The token counts of the same lines, as the sequential phase's chains need them.
+    assert soak.compressions_by_index(log, "c") == {3: [8192], 17: [8192]}

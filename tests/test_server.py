@@ -44,6 +44,13 @@ def test_chat_streaming_and_completions(server):
     log = log_path.read_text()
     assert "vllm-kvzip: KV compression streaming (keep ratio 0.3, window 64" in log
     assert log.count("compressed (streaming)") >= 3
+    from vllm_kvzip.eval.server import keep_sets_in_log
+
+    digests = [digest for found in keep_sets_in_log(log).values() for digest in found]
+    assert len(digests) == log.count("compressed (streaming)")
+    # The same chat prompt with and without streaming: the same tokens kept; the raw completion
+    # prompt (no chat template) is another sequence.
+    assert digests[0] == digests[1] != digests[2]
 
 
 def test_per_request_settings_and_their_errors(server):

@@ -75,11 +75,12 @@ case "$1" in
   folding)  # issue 6: decode-time folding cost with and without room, plans and compactions timed
     python3 benchmarks/folding_cost.py --device cuda --apply --out-dir "$OUT" --tag "$GPU" 2>&1 | tail -4;;
   soak)  # issue 7: vllm serve under 32 clients, the embedded model's real weights in float32, a pool
-    # they overfill (preemptions); after the drain no page may be held, and every completed request
-    # must give the same tokens alone.  Needs the `model` step first.
-    timeout "${SOAK_TIMEOUT:-560}" python3 benchmarks/soak.py --method "${SOAK_METHOD:-kvzap-mlp}" --requests "${SOAK_REQUESTS:-160}" --concurrency 32 \
-        --max-tokens 128 --ignore-eos --prompt-tokens 64,6000 --max-model-len 8192 --duration "${SOAK_DURATION:-240}" \
-        --server-args="--num-gpu-blocks-override 1000" --output "$OUT/soak_$GPU.json" > "$OUT/soak_$GPU.txt" 2>&1
+    # they overfill (600 blocks: with 1000, compression kept the pool below full and nothing was
+    # preempted); after the drain no page may be held, and every completed request must give the
+    # same tokens alone.  Needs the `model` step first.
+    timeout "${SOAK_TIMEOUT:-560}" python3 benchmarks/soak.py --method "${SOAK_METHOD:-kvzap-mlp}" --requests "${SOAK_REQUESTS:-128}" --concurrency 32 \
+        --max-tokens 128 --ignore-eos --prompt-tokens 64,6000 --max-model-len 8192 --duration "${SOAK_DURATION:-200}" \
+        --server-args="--num-gpu-blocks-override ${SOAK_BLOCKS:-600}" --output "$OUT/soak_$GPU.json" > "$OUT/soak_$GPU.txt" 2>&1
     grep -v INFO "$OUT/soak_$GPU.txt" | tail -15;;
   *) echo "unknown step $1"; exit 2;;
 esac

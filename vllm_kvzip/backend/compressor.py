@@ -64,6 +64,21 @@ def _whole_kv_cache(state: WorkerCompressionState) -> torch.Tensor:
     return state.kv_cache
 
 
+def keep_set_digest(keep: torch.Tensor) -> str:
+    """Eight hex digits naming a keep mask [L, H, T]: equal masks give equal digests.
+
+    Logged with each compression so that two runs of one request (the soak's concurrent and
+    sequential phases) can tell whether they kept the same tokens, i.e. whether a difference in
+    their outputs comes from scoring or from decoding.
+    """
+    flat = keep.reshape(-1).to(torch.int64)
+    index = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+    # A fixed pseudo-random weight below 2**31 per position: sums stay far below int64's range.
+    weights = (index * 0x9E3779B1 + 0x7F4A7C15) % 2147483647
+    weighted, count = torch.stack([(weights * flat).sum(), flat.sum()]).tolist()
+    return f"{(weighted ^ (count << 20)) & 0xFFFFFFFF:08x}"
+
+
 @torch.inference_mode()
 def compress_request(
     state: WorkerCompressionState,
@@ -118,6 +133,7 @@ def compress_request(
         scores, entry.keep_ratio, state.policy, sink_tokens=state.config.sink_tokens, window=0
     ).mask
 
+    entry.keep_digest = keep_set_digest(keep)
     if state.recorded_keep_sets is not None:
         state.recorded_keep_sets[request_id] = keep.cpu()
         state.recorded_scores[request_id] = scores.cpu()

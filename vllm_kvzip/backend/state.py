@@ -72,6 +72,7 @@ class RequestEntry:
     dense_start_block: int = 0  # first logical block of the dense tail
     next_retire_block: int = 0  # fold the dense tail into the head pages once it reaches this block
     retirements: int = 0
+    keep_digest: str | None = None  # ratio mode: `keep_set_digest` of the prefill's keep mask
 
 
 @dataclass
@@ -181,9 +182,7 @@ class WorkerCompressionState:
         self.total_kept_tokens += entry.kept_tokens
         self.total_evictable_tokens += entry.evictable_tokens * pairs
         self.total_freed_blocks += geometry.freed_blocks
-        line = compression_log_line(entry, geometry, pairs, self.config.method, seconds)
-        if scoring_seconds:
-            line += f" (scoring_ms {scoring_seconds * 1e3:.1f})"
+        line = compression_log_line(entry, geometry, pairs, self.config.method, seconds, scoring_seconds)
         logger().info("vllm-kvzip: %s", line)
 
     def record_retirement(
@@ -297,22 +296,31 @@ def install_state(config: KVCompressionConfig, kv_cache_spec, layer_names, vllm_
     return state
 
 
-def compression_log_line(entry: RequestEntry, geometry, pairs: int, method: str, seconds: float) -> str:
+def compression_log_line(
+    entry: RequestEntry, geometry, pairs: int, method: str, seconds: float, scoring_seconds: float = 0.0
+) -> str:
     """What one compression did, from the worker's real keep counts (vllm:kvzip_* metrics give the same numbers).
 
     "kept K of T context tokens": per (layer, KV head), the kept scored tokens
-    plus the dense tail, out of the T tokens of the prefill.
+    plus the dense tail, out of the T tokens of the prefill.  Then the time
+    (and KVzip's pass within it) and the keep mask's digest (ratio mode), which
+    benchmarks/throughput.py and benchmarks/soak.py read back.
     """
     kept_per_head = entry.kept_tokens / pairs
     tail = geometry.num_tokens - geometry.evictable_tokens
     kept = kept_per_head + tail
     kept_text = f"{kept:.0f}" if float(kept).is_integer() else f"{kept:.2f}"
-    return (
+    line = (
         f"request {entry.request_id} compressed ({method}): kept {kept_text} of {geometry.num_tokens} context tokens "
         f"(ratio {kept / geometry.num_tokens:.4f}; {kept_per_head:g} of {entry.evictable_tokens} scored tokens per "
         f"(layer, KV head) + {tail} dense tail tokens), freed {geometry.freed_blocks} of "
         f"{-(-geometry.num_tokens // geometry.block_size)} blocks, {seconds * 1e3:.1f} ms"
     )
+    if scoring_seconds:
+        line += f" (scoring_ms {scoring_seconds * 1e3:.1f})"
+    if entry.keep_digest is not None:
+        line += f", keep-set {entry.keep_digest}"
+    return line
 
 
 def worker_compression_stats(worker=None) -> dict | None:

@@ -232,6 +232,17 @@ _COMPRESSED = re.compile(
 )
 
 
+_KEEP_SET = re.compile(r"vllm-kvzip: request (\S+) compressed \([^)]+\): .*, keep-set ([0-9a-f]{8})")
+
+
+def keep_sets_in_log(log: str) -> dict[str, list[str]]:
+    """Engine request id -> digests of the keep-sets it was compressed with (ratio mode), in log order."""
+    found: dict[str, list[str]] = {}
+    for request_id, digest in _KEEP_SET.findall(log):
+        found.setdefault(request_id, []).append(digest)
+    return found
+
+
 def compressions_in_log(log: str) -> dict[str, list[int]]:
     """Engine request id -> token counts at which it was compressed, in log order."""
     found: dict[str, list[int]] = {}

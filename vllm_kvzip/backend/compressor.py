@@ -28,7 +28,7 @@ def _recorded_kvzap_scores(state: WorkerCompressionState, positions: torch.Tenso
     heads = torch.arange(state.num_kv_heads, device=positions.device)[:, None]
     # Each layer's score cache is laid out like that layer's own KV cache (NB blocks).
     slots = dense_flat_slots(0, positions[None, :], heads, block_table, state.num_kv_heads, state.block_size, 0)
-    return torch.stack([state.score_caches[name].view(-1)[slots] for name in state.layer_names])
+    return state.score_buffer[:, slots]  # one gather for all layers (the caches are its rows)
 
 
 def geometry_for(state: WorkerCompressionState, num_tokens: int, keep_ratio: float) -> CompressionGeometry:

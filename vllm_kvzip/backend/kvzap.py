@@ -135,8 +135,19 @@ def _find_module(modules: dict, name: str) -> torch.nn.Module:
 
 
 def allocate_score_caches(state, kv_caches: dict[str, torch.Tensor]) -> None:
-    """One score cache per layer, laid out like its KV cache (plus `H` trash entries)."""
-    for name in state.layer_names:
-        kv = kv_caches[name]
-        num_blocks, heads, block_size = kv.shape[0], kv.shape[1], kv.shape[2]
-        state.score_caches[name] = torch.zeros(num_blocks * heads * block_size + heads, dtype=torch.float32, device=kv.device)
+    """One score cache per layer, laid out like its KV cache (plus `H` trash entries).
+
+    They are the rows of one `[L, entries]` buffer (`state.score_buffer`, rows in
+    `state.layer_names` order), so a folding reads every layer's scores of its tokens with one
+    gather instead of one per layer.
+    """
+    shapes = {tuple(kv_caches[name].shape[:3]) for name in state.layer_names}
+    if len(shapes) != 1:
+        raise RuntimeError(f"vllm-kvzip: attention layers with different KV cache shapes {sorted(shapes)}")
+    num_blocks, heads, block_size = shapes.pop()
+    device = kv_caches[state.layer_names[0]].device
+    state.score_buffer = torch.zeros(
+        len(state.layer_names), num_blocks * heads * block_size + heads, dtype=torch.float32, device=device
+    )
+    for index, name in enumerate(state.layer_names):
+        state.score_caches[name] = state.score_buffer[index]

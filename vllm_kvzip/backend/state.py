@@ -117,6 +117,7 @@ class WorkerCompressionState:
         self.pending: dict[str, int] = {}
         # Score buffers filled during the forward pass (KVzap), by layer name.
         self.score_caches: dict[str, torch.Tensor] = {}
+        self.score_buffer: torch.Tensor | None = None  # [L, entries]: the score caches are its rows
         # [L, H] saved head scores (method "head").
         self.head_scores: torch.Tensor | None = None
         self.total_compressed = 0

@@ -63,10 +63,11 @@ def replay(args, with_room: bool, device: torch.device) -> dict:
                             device=device)
     from vllm_kvzip.backend.ops import compact_kv
 
-    physical = torch.arange(blocks_per_layer - 2, device=device)
-    kept_len = torch.zeros(LAYERS, KV_HEADS, dtype=torch.int32, device=device)
+    # Block ids and the [L, H] layout on the host, as the worker keeps them (plan_retirement).
+    physical = torch.arange(blocks_per_layer - 2)
+    kept_len = torch.zeros(LAYERS, KV_HEADS, dtype=torch.int32)
     page_start = torch.zeros_like(kept_len)
-    containers = torch.zeros(0, dtype=torch.int64, device=device)
+    containers = torch.zeros(0, dtype=torch.int64)
     interval_blocks = args.window // BLOCK_SIZE
     dense_start_block, next_block = 0, 0
     foldings = repacks = rows_moved = 0

@@ -286,6 +286,14 @@ def test_repeated_retirements_keep_every_kept_token_in_order(
         containers = torch.cat([containers, retired[: plan.new_container_blocks]])
         assert plan.num_container_blocks == containers.numel()
         assert plan.new_container_blocks <= blocks
+        # Staging: exactly the moves whose source lies in a container come first (the reference
+        # compaction reads every source before writing, so it cannot catch a move staged wrong).
+        flat_containers = container_flat_blocks(containers, num_layers, blocks_per_layer)
+        rows_per_block = num_kv_heads * block_size
+        src_in = torch.isin(plan.src_slots // rows_per_block, flat_containers)
+        assert bool(src_in[: plan.num_staged].all()) and not bool(src_in[plan.num_staged :].any())
+        assert bool(torch.isin(plan.dst_slots // rows_per_block, flat_containers).all())
+        assert plan.dst_slots.unique().numel() == plan.dst_slots.numel()
         kept_len, page_start = plan.kept_len, plan.page_start
         start_block += blocks
         for layer in range(num_layers):

@@ -198,19 +198,20 @@ def retire_dense_blocks(
         return 0
     device = state.device
     started = _settled_clock(device)
-    retired = torch.tensor(block_ids[first_block:end_block], dtype=torch.int64, device=device)
+    retired_host = torch.tensor(block_ids[first_block:end_block], dtype=torch.int64)
     positions = torch.arange(first_block * bs, end_block * bs, device=device)
-    scores = _recorded_kvzap_scores(state, positions - first_block * bs, retired)
+    scores = _recorded_kvzap_scores(state, positions - first_block * bs, retired_host.to(device))
     keep = (scores >= state.config.threshold) | (positions < state.config.sink_tokens)
     slot = entry.slot
     if slot == DENSE_SLOT:
-        kept_len = torch.zeros(state.num_layers, state.num_kv_heads, dtype=torch.int32, device=device)
+        kept_len = torch.zeros(state.num_layers, state.num_kv_heads, dtype=torch.int32)
         page_start = torch.zeros_like(kept_len)
     else:
-        kept_len, page_start = state.table.kept_len[slot], state.table.page_start[slot]
-    containers = torch.tensor(entry.containers, dtype=torch.int64, device=device)
+        # The host copy of the table's rows: the plan decides the layout on the host.
+        kept_len, page_start = entry.host_kept_len, entry.host_page_start
+    containers = torch.tensor(entry.containers, dtype=torch.int64)
     plan = plan_retirement(
-        kept_len, page_start, containers, keep, retired, bs, state.num_blocks_per_layer,
+        kept_len, page_start, containers, keep, retired_host, bs, state.num_blocks_per_layer,
         interval_tokens=retire_interval_blocks(state) * bs,
     )
     freed = (end_block - first_block) - plan.new_container_blocks
@@ -228,6 +229,7 @@ def retire_dense_blocks(
     state.table.kept_len[slot] = plan.kept_len
     state.table.page_start[slot] = plan.page_start
     state.table.dense_start[slot] = end_block * bs
+    entry.host_kept_len, entry.host_page_start = plan.kept_len, plan.page_start
     if new_container_ids:
         set_block_ids(request_id, len(entry.containers), new_container_ids)
     entry.containers.extend(new_container_ids)

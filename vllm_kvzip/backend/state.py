@@ -72,6 +72,9 @@ class RequestEntry:
     dense_start_block: int = 0  # first logical block of the dense tail
     next_retire_block: int = 0  # fold the dense tail into the head pages once it reaches this block
     retirements: int = 0
+    # Threshold mode: the host copy of this request's page-table rows (kept_len, page_start [L, H]).
+    host_kept_len: torch.Tensor | None = None
+    host_page_start: torch.Tensor | None = None
     keep_digest: str | None = None  # ratio mode: `keep_set_digest` of the prefill's keep mask
 
 

@@ -163,8 +163,8 @@ def ragged_flat_slots(
     """
     num_layers, num_kv_heads = kept_len.shape
     device = containers.device
+    longest = int(kept_len.max()) if kept_len.numel() else 0  # no device sync when kept_len is on the host
     kept = kept_len.to(device=device, dtype=torch.int64)
-    longest = int(kept.max()) if kept.numel() else 0
     ranks = torch.arange(longest, device=device)
     present = ranks[None, None, :] < kept[:, :, None]
     layers, heads, token_ranks = present.nonzero(as_tuple=True)
@@ -269,12 +269,13 @@ class RetirementPlan:
     re-packed from page 0 into the container blocks (the old ones, then the
     first blocks of the retired range), across layers, so the moves overlap:
     the staged ones (sources in a container) are applied gather-then-scatter
-    on the flat cache.
+    on the flat cache.  `kept_len` and `page_start` are host tensors (the
+    caller copies them into its page table and passes them back next time).
     """
 
-    kept_len: torch.Tensor  # [L, H] int32, after the retirement
-    page_start: torch.Tensor  # [L, H] int32, global page index
-    src_slots: torch.Tensor  # [num_moves] int64 flat slots, the staged moves first
+    kept_len: torch.Tensor  # [L, H] int32 on the host, after the retirement
+    page_start: torch.Tensor  # [L, H] int32 on the host, global page index
+    src_slots: torch.Tensor  # [num_moves] int64 flat slots on keep's device, the staged moves first
     dst_slots: torch.Tensor
     num_staged: int  # moves whose source is in a container (old or new): read before any write
     num_container_blocks: int  # container blocks after the retirement
@@ -295,47 +296,65 @@ def plan_retirement(
     """Plan folding retired dense blocks into the head pages.
 
     kept_len / page_start: [L, H] current ragged layout over the container
-        blocks `container_block_ids` (physical ids, in container order).
+        blocks `container_block_ids` (physical ids, in container order); best
+        on the host (the layout is decided there), any device works.
     keep: [L, H, n] bool, n = len(retired_block_ids) * block_size: which
         tokens of the retired blocks (in position order) are kept.
     retired_block_ids: physical ids of the retired dense blocks, in order; the
         first ones become new container blocks when the kept tokens need them.
     interval_tokens: tokens between two foldings, which sizes the room a
         re-pack leaves (None: no room, every pair packed tight).
+
+    A folding runs every `window` decode steps per request, and with small
+    tensors its cost is the number of operations, not their size: the layout
+    is decided on the host from one copy of the per-block kept counts, and on
+    the device only the moves are computed (no search for staged sources: they
+    are known by construction).
     """
     num_layers, num_kv_heads, retired_tokens = keep.shape
-    if retired_tokens != retired_block_ids.numel() * block_size:
-        raise ValueError(f"keep covers {retired_tokens} tokens, the retired blocks hold {retired_block_ids.numel() * block_size}")
+    num_retired = retired_block_ids.numel()
+    if retired_tokens != num_retired * block_size:
+        raise ValueError(f"keep covers {retired_tokens} tokens, the retired blocks hold {num_retired * block_size}")
     device = keep.device
     held = container_block_ids.numel()
+    # Kept tokens per (layer, head, retired block): the one device -> host copy of the plan.
+    kept_per_block = keep.reshape(num_layers, num_kv_heads, num_retired, block_size).sum(dim=-1).cpu()
+    old_kept = kept_len.to(device="cpu", dtype=torch.int64)
     layout = plan_retirement_layout(
-        kept_len.to(device), page_start, held, keep.sum(dim=-1), retired_tokens, retired_block_ids.numel(), block_size,
+        old_kept, page_start.to("cpu"), held, kept_per_block.sum(dim=-1), retired_tokens, num_retired, block_size,
         interval_tokens,
     )
-    old_kept = kept_len.to(device=device, dtype=torch.int64)
-    container_ids = container_block_ids.to(device=device, dtype=torch.int64)
-    retired_ids = retired_block_ids.to(device=device, dtype=torch.int64)
+    new_blocks = layout.new_container_blocks
     all_containers = container_flat_blocks(
-        torch.cat([container_ids, retired_ids[: layout.new_container_blocks]]), num_layers, blocks_per_layer
+        torch.cat([container_block_ids.to(torch.int64).cpu(), retired_block_ids[:new_blocks].to(torch.int64).cpu()]),
+        num_layers, blocks_per_layer,
+    ).to(device)
+    # Newly kept tokens, position-major: those in the retired blocks that become containers come
+    # first, and those are exactly the new tokens whose source a re-pack may overwrite.
+    positions, layers, heads = keep.permute(2, 0, 1).nonzero(as_tuple=True)
+    ranks = (
+        old_kept.to(device)[layers, heads]
+        + torch.cumsum(keep, dim=-1, dtype=torch.int64)[layers, heads, positions]
+        - 1
     )
-    # Newly kept tokens follow the old ones of their pair, in position order.
-    layers, heads, positions = keep.nonzero(as_tuple=True)
-    ranks = old_kept[layers, heads] + torch.cumsum(keep.to(torch.int64), dim=-1)[layers, heads, positions] - 1
-    src = dense_flat_slots(layers, positions, heads, retired_ids, num_kv_heads, block_size, blocks_per_layer)
+    src = dense_flat_slots(
+        layers, positions, heads, retired_block_ids.to(device=device, dtype=torch.int64), num_kv_heads, block_size,
+        blocks_per_layer,
+    )
     if layout.repacked:
-        # Old tokens keep their rank and move to their pair's new pages.
-        old_containers = container_flat_blocks(container_ids, num_layers, blocks_per_layer)
+        # Old tokens keep their rank and move to their pair's new pages; all of them are read from
+        # containers, so they are staged, followed by the new tokens read from the new containers.
+        old_containers = all_containers[: held * num_layers]
         old_layers, old_heads, old_ranks, old_src = ragged_flat_slots(old_kept, page_start, old_containers, block_size)
         layers = torch.cat([old_layers, layers])
         heads = torch.cat([old_heads, heads])
         ranks = torch.cat([old_ranks, ranks])
         src = torch.cat([old_src, src])
-    dst_pages = layout.page_start[layers, heads] + ranks // block_size
-    dst = page_flat_slots(dst_pages, ranks % block_size, all_containers, num_kv_heads, block_size)
-    if layout.repacked:
-        src, dst, num_staged = stage_overwritten_sources(src, dst, all_containers, num_kv_heads, block_size)
+        num_staged = int(old_kept.sum()) + int(kept_per_block[:, :, :new_blocks].sum())
     else:
         num_staged = 0  # sources in retired blocks that stay out of the containers, destinations in containers
+    dst_pages = layout.page_start.to(device)[layers, heads] + ranks // block_size
+    dst = page_flat_slots(dst_pages, ranks % block_size, all_containers, num_kv_heads, block_size)
     return RetirementPlan(
         kept_len=layout.kept_len.to(torch.int32),
         page_start=layout.page_start.to(torch.int32),
@@ -343,6 +362,6 @@ def plan_retirement(
         dst_slots=dst,
         num_staged=num_staged,
         num_container_blocks=layout.num_container_blocks,
-        new_container_blocks=layout.new_container_blocks,
+        new_container_blocks=new_blocks,
         repacked=layout.repacked,
     )

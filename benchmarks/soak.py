@@ -546,8 +546,8 @@ def main(argv=None) -> int:
     output.write_text(json.dumps(summary, indent=1) + "\n")
     keys = ("requests", "completed", "disconnected", "rejected_as_expected", "concurrency", "failed_requests",
             "leaked_pages", "preemptions", "compressed_requests", "recompressed_after_preemption",
-            "compared_outputs", "mismatched_outputs", "mismatches_with_same_keep_sets", "duration_s", "output_tokens_per_s", "peak_blocks_in_use",
-            "kv_blocks")
+            "compared_outputs", "mismatched_outputs", "mismatches_with_same_keep_sets", "duration_s",
+            "output_tokens_per_s", "peak_blocks_in_use", "kv_blocks")
     print("\n".join(f"{key:>30}: {summary[key]}" for key in keys))
     print(f"written: {output}")
     passed = not summary["failed_requests"] and not summary["leaked_pages"] and not summary["mismatched_outputs"]

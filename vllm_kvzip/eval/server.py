@@ -224,28 +224,32 @@ def wait_until_drained(base_url: str, timeout: float = 120.0, probe: bool = True
 
 
 # -- the plugin's log ------------------------------------------------------------------
-# Two forms: "kept K of T context tokens (ratio ...)" (keep-ratio methods: T is the prompt) and
+# One line per compression (`vllm_kvzip.backend.state.compression_log_line`), in two forms:
+# "kept K of T context tokens (ratio ...)" (keep-ratio methods: T is the prompt) and
 # "kept K of E context tokens per (layer, head) + D dense tail tokens" (threshold mode: E + D).
+# Ratio-mode lines end with ", keep-set XXXXXXXX" (the keep mask's digest).
+_LINE_START = r"vllm-kvzip: request (\S+) compressed \([^)]+\): "
 _COMPRESSED = re.compile(
-    r"vllm-kvzip: request (\S+) compressed \(([^)]+)\): kept [\d.]+ of (\d+) context tokens "
-    r"(?:per \(layer, head\) \+ (\d+) dense tail tokens|\(ratio)"
+    _LINE_START + r"kept [\d.]+ of (\d+) context tokens (?:per \(layer, head\) \+ (\d+) dense tail tokens|\(ratio)"
 )
+_KEEP_SET = re.compile(_LINE_START + r".*, keep-set ([0-9a-f]{8})")
 
 
-_KEEP_SET = re.compile(r"vllm-kvzip: request (\S+) compressed \([^)]+\): .*, keep-set ([0-9a-f]{8})")
+def _by_request(pairs) -> dict[str, list]:
+    """(engine request id, value) pairs in log order -> request id -> its values in order."""
+    found: dict[str, list] = {}
+    for request_id, value in pairs:
+        found.setdefault(request_id, []).append(value)
+    return found
 
 
 def keep_sets_in_log(log: str) -> dict[str, list[str]]:
     """Engine request id -> digests of the keep-sets it was compressed with (ratio mode), in log order."""
-    found: dict[str, list[str]] = {}
-    for request_id, digest in _KEEP_SET.findall(log):
-        found.setdefault(request_id, []).append(digest)
-    return found
+    return _by_request(_KEEP_SET.findall(log))
 
 
 def compressions_in_log(log: str) -> dict[str, list[int]]:
     """Engine request id -> token counts at which it was compressed, in log order."""
-    found: dict[str, list[int]] = {}
-    for request_id, _method, evictable, tail in _COMPRESSED.findall(log):
-        found.setdefault(request_id, []).append(int(evictable) + int(tail or 0))
-    return found
+    return _by_request(
+        (request_id, int(evictable) + int(tail or 0)) for request_id, evictable, tail in _COMPRESSED.findall(log)
+    )

@@ -78,6 +78,53 @@ def _engine_request(state, request_id: str):
     return recorded(state.requests, request_id)
 
 
+# A GPU engine runs other kernels than the CPU oracle (cuBLAS, vLLM's attention): a score within
+# this distance of the threshold may land on the other side of it there. On the CPU, none may.
+GPU_SCORE_TOLERANCE = 1e-2
+
+
+def _keep_sets_agree(recorded_keep, reference, prompt_len: int, output_ids: list[int]) -> bool:
+    """Asserts that the engine's keep-set is the oracle's; True when equal to the token.
+
+    On the CPU they must be equal, and so must the outputs. On a GPU, the decisions of the first
+    folding where the two differ may differ only where the oracle's score lies within
+    GPU_SCORE_TOLERANCE of the threshold: those scores came from the same tokens over the same
+    caches. Later foldings score tokens over caches that already differ (and after the first
+    differing output token, other tokens), so they are not compared; the outputs may differ only
+    after a flip. Returns False when a flip happened (the caller stops there)."""
+    reference_keep = reference.keep.cpu()
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        assert recorded_keep.shape == reference_keep.shape
+        assert torch.equal(recorded_keep, reference_keep)
+        return True
+    same_prefix = next(
+        (index for index, (a, b) in enumerate(zip(output_ids, reference.token_ids)) if a != b),
+        min(len(output_ids), len(reference.token_ids)),
+    )
+    # The token at generated index i is at position prompt_len + i - 1 in the cache (the first one
+    # comes from the prefill's logits); decisions up to the first differing token share their inputs.
+    comparable = min(recorded_keep.shape[-1], reference_keep.shape[-1], prompt_len + same_prefix)
+    differ_at = (recorded_keep[..., :comparable] != reference_keep[..., :comparable]).any(dim=(0, 1)).nonzero()
+    if differ_at.numel():
+        first_differing_position = int(differ_at[0])
+        folding_end = next(end * BLOCK_SIZE for _, end, _ in reference.folded_blocks if end * BLOCK_SIZE > first_differing_position)
+        comparable = min(comparable, folding_end)
+    differ = recorded_keep[..., :comparable] != reference_keep[..., :comparable]
+    margins = (reference.scores[..., :comparable][differ] - THRESHOLD).abs()
+    detail = (
+        f"{int(differ.sum())} of {differ.numel()} decisions of the first differing folding differ, largest score margin "
+        f"{float(margins.max()) if margins.numel() else 0.0:.2e}; outputs equal for {same_prefix} of {len(output_ids)} tokens"
+    )
+    print(f"keep-sets on the GPU: {detail}")
+    assert bool((margins <= GPU_SCORE_TOLERANCE).all()), detail
+    if bool(differ.any()):
+        return False
+    assert same_prefix == len(output_ids) == len(reference.token_ids), f"outputs differ without a flip: {detail}"
+    assert recorded_keep.shape == reference_keep.shape, detail
+    return True
+
+
 def test_threshold_mode_with_decode_eviction_matches_the_oracle(engine, embedded_model):
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams, TokensPrompt
@@ -115,8 +162,9 @@ def test_threshold_mode_with_decode_eviction_matches_the_oracle(engine, embedded
             # Folded at the prefill and at least twice while decoding.
             assert len(reference.folded_blocks) >= 3, reference.folded_blocks
             assert recorded_keep is not None
-            assert recorded_keep.shape == reference.keep.shape
-            assert torch.equal(recorded_keep, reference.keep.cpu())
+            exact = _keep_sets_agree(recorded_keep, reference, len(prompt), list(output.outputs[0].token_ids))
+            if not exact:
+                continue  # a flip at the threshold on a GPU (checked above): the rest follows other decisions
             assert 0.05 < recorded_keep.float().mean() < 0.9  # the threshold really evicts, and keeps
             # The scheduler freed exactly what the oracle's foldings free (the only compressed request).
             assert freed_by_engine == sum(freed for _, _, freed in reference.folded_blocks)

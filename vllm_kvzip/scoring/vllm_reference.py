@@ -59,7 +59,7 @@ class ReferenceResult:
     keep: Tensor | None  # [L, H, num_prompt_tokens] bool; None when the request stayed dense
     # Threshold mode: [L, H, folded tokens] decisions of every folding, and the blocks each one freed.
     folded_blocks: list[tuple[int, int, int]] | None = None  # (first block, end block, blocks freed)
-    scores: Tensor | None = None  # [L, H, evictable] the scores the keep-set came from
+    scores: Tensor | None = None  # [L, H, evictable] (threshold mode: [L, H, folded]) the scores the keep-set came from
 
 
 @torch.no_grad()
@@ -291,4 +291,10 @@ def _generate_with_folding(
         for handle in handles:
             handle.remove()
     keep = decided if decided.shape[-1] else None
-    return ReferenceResult(token_ids=generated, geometry=None, keep=keep, folded_blocks=folded)
+    # The scores of every decided token, so a caller on other kernels can tell a flip at the
+    # threshold (float noise) from a wrong decision.
+    decided_scores = torch.stack([layer_scores[:, : decided.shape[-1]] for layer_scores in scores]).cpu()
+    return ReferenceResult(
+        token_ids=generated, geometry=None, keep=keep, folded_blocks=folded,
+        scores=decided_scores if keep is not None else None,
+    )

@@ -4,8 +4,8 @@
 #   bash tools/device_run.sh gguf_a      # keep the first half of the embedded model's GGUF in /tmp
 #   bash tools/device_run.sh model       # join the halves, convert to an HF folder (~/.cache/vllm_kvzip)
 #   (the halves and .device/tokenizer come from `bash tools/split_gguf.sh` with the venv active, run here first)
-#   Next session (see the last closing note): folding (host plan), long8k kvzap-dms then FLASH_ATTN,
-#   gguf_a + model, e2e, soak (600 blocks: preemptions); then KVZIP_WORKLOADS=32k METHOD_TIMEOUT=300 kvzip.
+#   Next session (see the last closing note): gguf_a, then model + e2e (the oracle test with its GPU
+#   tolerance, never passed on CUDA) first; then TRITON_ATTN / Qwen3-8B shapes.
 # Results go under $OUT (the device tool brings them back).
 set -uo pipefail
 source /tmp/site/env.sh || exit 3
@@ -45,8 +45,11 @@ case "$1" in
     tail -6 "$OUT/kernel_tests.txt";;
   e2e)  # issues 5 and 6 on CUDA: the DMS oracle test and the compression e2e tests (CPU-written,
     # never run on a GPU yet); needs the `model` step first.
-    timeout "${E2E_TIMEOUT:-500}" python3 -m pytest -q -x -p no:cacheprovider tests/test_e2e_threshold.py \
-        tests/test_e2e_compression.py > "$OUT/e2e_cuda.txt" 2>&1; tail -15 "$OUT/e2e_cuda.txt";;
+    # Session 9: the oracle test failed on CUDA (keep-sets not equal to the CPU oracle's); it now
+    # allows flips within 1e-2 of the threshold in the first differing folding and prints them.
+    timeout "${E2E_TIMEOUT:-500}" python3 -m pytest -q -s -p no:cacheprovider tests/test_e2e_threshold.py \
+        tests/test_e2e_compression.py > "$OUT/e2e_cuda.txt" 2>&1
+    grep -E "keep-sets on the GPU|passed|failed|^(FAILED|ERROR)" "$OUT/e2e_cuda.txt" | tail -15;;
   # Session 6 plan: results in /tmp/res (kept while the machine stays warm: the kvzip step takes
   # FLASH_ATTN from there with --baseline-from), copied to $OUT after every step.
   main)  # issue 5: FLASH_ATTN vs kvzap-mlp (keep 0.25) on 8k and 32k, one engine per method

@@ -168,6 +168,16 @@ def retirement_target_block(state: WorkerCompressionState, num_tokens: int) -> i
     return max(0, (num_tokens - state.config.window) // state.block_size)
 
 
+def _record_folding(state, request_id: str, first_token: int, keep: torch.Tensor, scores: torch.Tensor) -> None:
+    """Tests' record of a threshold-mode request: every folding's decisions and scores, appended in
+    token order (a request compressed again after a preemption starts over)."""
+    for records, new in ((state.recorded_keep_sets, keep), (state.recorded_scores, scores.float())):
+        previous = records.get(request_id)
+        if previous is None or previous.shape[-1] != first_token:
+            previous = torch.zeros(state.num_layers, state.num_kv_heads, first_token, dtype=new.dtype)
+        records[request_id] = torch.cat([previous, new.cpu()], dim=-1)
+
+
 @torch.inference_mode()
 def retire_dense_blocks(
     state: WorkerCompressionState,
@@ -219,10 +229,7 @@ def retire_dense_blocks(
         return 0  # everything would stay: keep the blocks dense, try again with a longer tail
     compact_kv(_whole_kv_cache(state), plan.src_slots, plan.dst_slots, num_staged=plan.num_staged)
     if state.recorded_keep_sets is not None:
-        previous = state.recorded_keep_sets.get(request_id)
-        if previous is None or previous.shape[-1] != first_block * bs:
-            previous = torch.zeros(state.num_layers, state.num_kv_heads, first_block * bs, dtype=torch.bool)
-        state.recorded_keep_sets[request_id] = torch.cat([previous, keep.cpu()], dim=-1)
+        _record_folding(state, request_id, first_block * bs, keep, scores)
     new_container_ids = block_ids[first_block : first_block + plan.new_container_blocks]
     if slot == DENSE_SLOT:
         slot = entry.slot = state.table.acquire()

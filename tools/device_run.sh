@@ -5,7 +5,8 @@
 #   bash tools/device_run.sh model       # join the halves, convert to an HF folder (~/.cache/vllm_kvzip)
 #   (the halves and .device/tokenizer come from `bash tools/split_gguf.sh` with the venv active, run here first)
 #   Next session (see the last closing note): gguf_a, then model + e2e (the oracle test with its GPU
-#   tolerance, never passed on CUDA) first; then TRITON_ATTN / Qwen3-8B shapes.
+#   tolerance, never passed on CUDA) first; then MAIN_METHODS="FLASH_ATTN TRITON_ATTN kvzap-mlp"
+#   MAIN_WORKLOADS=8k main (then 32k in the next call); Qwen3-8B shapes.
 # Results go under $OUT (the device tool brings them back).
 set -uo pipefail
 source /tmp/site/env.sh || exit 3
@@ -53,8 +54,9 @@ case "$1" in
   # Session 6 plan: results in /tmp/res (kept while the machine stays warm: the kvzip step takes
   # FLASH_ATTN from there with --baseline-from), copied to $OUT after every step.
   main)  # issue 5: FLASH_ATTN vs kvzap-mlp (keep 0.25) on 8k and 32k, one engine per method
+    # (MAIN_METHODS="FLASH_ATTN TRITON_ATTN kvzap-mlp" MAIN_WORKLOADS=8k: the issue's three-way run, ~350 s)
     mkdir -p /tmp/res
-    python3 benchmarks/throughput.py --workloads ${MAIN_WORKLOADS:-8k 32k} --methods FLASH_ATTN kvzap-mlp --prefill-requests 8 \
+    python3 benchmarks/throughput.py --workloads ${MAIN_WORKLOADS:-8k 32k} --methods ${MAIN_METHODS:-FLASH_ATTN kvzap-mlp} --model-config ${MAIN_MODEL:-llama-3.1-8b} --prefill-requests 8 \
         --timeout "${METHOD_TIMEOUT:-270}" --out-dir /tmp/res --tag main > /tmp/res/main.txt 2>&1
     cp -r /tmp/res/. "$OUT/"; tail -7 /tmp/res/main.txt;;
   long6)  # issue 6: long generations, FLASH_ATTN vs kvzap-dms (threshold, decode-time eviction)

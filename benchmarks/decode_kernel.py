@@ -15,7 +15,10 @@ context) that fits in ``--max-cache-gb`` of KV cache it times:
   (``kept_len = 0``, everything dense): same bytes as FA3;
 * ``ragged``: our kernel where each KV head keeps ``keep * context`` tokens
   (+-40% variation between heads, same total) in ragged pages, plus a
-  128-token dense tail, for each keep ratio.
+  128-token dense tail, for each keep ratio;
+* ``ragged_uncompressed_fused`` / ``ragged_fused``: the same two with the
+  workspace's ``fused_merge`` (the last split of a head merges, no second
+  kernel), so one run shows which merge to use where.
 
 Every kernel is captured in a CUDA graph (``--inner`` calls, cycling over
 several copies of the layout when one copy would fit in L2) and the graph is
@@ -315,6 +318,9 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     from vllm_kvzip.backend.ops import RaggedDecodeWorkspace
 
     workspace = None if smoke else RaggedDecodeWorkspace(max(batches), NUM_Q_HEADS, HEAD_SIZE, device=device, num_kv_heads=NUM_KV_HEADS)
+    fused_workspace = None if smoke else RaggedDecodeWorkspace(
+        max(batches), NUM_Q_HEADS, HEAD_SIZE, device=device, num_kv_heads=NUM_KV_HEADS, fused_merge=True
+    )
     scale = 1.0 / math.sqrt(HEAD_SIZE)
     results: list[dict] = []
     config = dict(
@@ -378,11 +384,19 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
             vllm_kernels.fa3_call(query, kv_pool, dense[0], fa3_out, scale)()
             extra["max_abs_diff_vs_fa3"] = float((out.float() - fa3_out.float()).abs().max())
         record("ragged_uncompressed", 1.0, dense, ragged_time, **extra)
+        if fused_workspace is not None:
+            fused_time = measure(lambda layout: ragged_call(query, kv_pool, layout, out, scale, fused_workspace, True), dense)
+            ragged_call(query, kv_pool, dense[0], out, scale, fused_workspace, True)()
+            fused_extra = {"max_abs_diff_vs_fa3": float((out.float() - fa3_out.float()).abs().max())} if fa3_time else {}
+            record("ragged_uncompressed_fused", 1.0, dense, fused_time, **fused_extra)
 
         for keep in keeps:
             layouts = ragged_layouts(batch, context, keep, block_ids, device, copies_for)
             time_us = measure(lambda layout: ragged_call(query, kv_pool, layout, out, scale, workspace, not smoke), layouts)
             record("ragged", keep, layouts, time_us)
+            if fused_workspace is not None:
+                time_us = measure(lambda layout: ragged_call(query, kv_pool, layout, out, scale, fused_workspace, True), layouts)
+                record("ragged_fused", keep, layouts, time_us)
 
         for point in results:
             if point["batch"] == batch and point["context"] == context and fa3_time is not None:
@@ -463,12 +477,12 @@ def main() -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "decode_kernel_smoke" if args.smoke else "decode_kernel"
+    if not args.smoke:
+        summarize(results)  # adds each fused point's time_ratio_vs_merge_kernel before the JSON is written
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
     if results:
         plot(results, out_dir / f"{stem}.png")
     print(f"\n{len(results)} points in {time.perf_counter() - started:.0f} s -> {out_dir / (stem + '.json')}", flush=True)
-    if not args.smoke:
-        summarize(results)
 
 
 def summarize(results: list[dict]) -> None:
@@ -478,6 +492,18 @@ def summarize(results: list[dict]) -> None:
     if full:
         worst = max(full, key=lambda p: p["time_ratio_vs_fa3"])
         print(f"keep 1.0 vs FA3: worst time ratio {worst['time_ratio_vs_fa3']:.3f} at batch {worst['batch']} context {worst['context']}")
+    fused_full = [p for p in results if p["backend"] == "ragged_fused" and p["keep_ratio"] == 1.0 and (p["batch"], p["context"]) in fa3]
+    if fused_full:
+        worst = max(fused_full, key=lambda p: p["time_ratio_vs_fa3"])
+        print(f"keep 1.0 vs FA3 with fused_merge: worst time ratio {worst['time_ratio_vs_fa3']:.3f} at batch {worst['batch']} context {worst['context']}")
+    # fused_merge against the merge kernel, point by point (time ratio < 1: fused is faster).
+    plain = {(p["batch"], p["context"], p["keep_ratio"]): p["time_us"] for p in results if p["backend"] == "ragged"}
+    for p in results:
+        if p["backend"] == "ragged_fused" and (p["batch"], p["context"], p["keep_ratio"]) in plain:
+            p["time_ratio_vs_merge_kernel"] = round(p["time_us"] / plain[(p["batch"], p["context"], p["keep_ratio"])], 4)
+    fused_ratios = [p["time_ratio_vs_merge_kernel"] for p in results if "time_ratio_vs_merge_kernel" in p]
+    if fused_ratios:
+        print(f"fused_merge / merge kernel time: min {min(fused_ratios):.3f}, max {max(fused_ratios):.3f} over {len(fused_ratios)} points")
     large = [p for p in results if p["backend"] == "ragged" and p["batch"] * p["context"] * p["keep_ratio"] >= 2**20]
     if large:
         worst = min(large, key=lambda p: p["bandwidth_fraction"])

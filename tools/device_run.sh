@@ -6,7 +6,8 @@
 #   (the halves and .device/tokenizer come from `bash tools/split_gguf.sh` with the venv active, run here first)
 #   Next session (see the last closing note): gguf_a, then model + e2e (the oracle test with its GPU
 #   tolerance, never passed on CUDA) first; then MAIN_METHODS="FLASH_ATTN TRITON_ATTN kvzap-mlp"
-#   MAIN_WORKLOADS=8k main (then 32k in the next call); Qwen3-8B shapes.
+#   MAIN_WORKLOADS=8k main (then 32k in the next call); `decode` (fused_merge: is batch 1 within 10%
+#   of FA3?); Qwen3-8B shapes.
 # Results go under $OUT (the device tool brings them back).
 set -uo pipefail
 source /tmp/site/env.sh || exit 3
@@ -35,6 +36,12 @@ case "$1" in
     tail -25 "$OUT/decode_kernel.txt"
     timeout "${KERNEL_TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/kernels > "$OUT/kernel_tests.txt" 2>&1
     tail -8 "$OUT/kernel_tests.txt";;
+  decode)  # issue 4: the decode kernel's tests on CUDA (fused_merge's racing splits included), then the
+    # quick sweep with the fused_merge variants beside the merge kernel (which one wins where).
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py > "$OUT/decode_tests.txt" 2>&1
+    tail -4 "$OUT/decode_tests.txt"
+    timeout 300 python3 benchmarks/decode_kernel.py --quick --out-dir "$OUT" > "$OUT/decode_kernel.txt" 2>&1
+    grep -E "worst|fused_merge|points in" "$OUT/decode_kernel.txt";;
   cuda)  # build csrc/ in place, test the CUDA compaction against the reference, time it against Triton
     timeout 240 python3 setup.py build_ext --inplace > "$OUT/cuda_build.txt" 2>&1; tail -3 "$OUT/cuda_build.txt"
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_compaction_cuda.py -rs 2>&1 | tail -4

@@ -34,12 +34,14 @@ def run_triton(batch, workspace: RaggedDecodeWorkspace, num_splits: int | None, 
     return out
 
 
-def small_workspace(batch, max_num_splits: int = 8, tile_tokens: int = 16, min_tiles_per_split: int = 1) -> RaggedDecodeWorkspace:
+def small_workspace(
+    batch, max_num_splits: int = 8, tile_tokens: int = 16, min_tiles_per_split: int = 1, fused_merge: bool = False
+) -> RaggedDecodeWorkspace:
     num_rows, num_q_heads, head_size = batch.query.shape
     return RaggedDecodeWorkspace(
         num_rows, num_q_heads, head_size, max_num_splits=max_num_splits, device=DEVICE,
         tile_tokens=tile_tokens, min_tiles_per_split=min_tiles_per_split,
-        max_partial_slots=num_rows * max_num_splits,
+        max_partial_slots=num_rows * max_num_splits, fused_merge=fused_merge,
     )
 
 
@@ -56,6 +58,21 @@ def test_mixed_batch_gqa_and_head_sizes(group: int, head_size: int, num_splits: 
     batch = make_ragged_batch(MIXED_ROWS_4_HEADS, num_kv_heads=4, group=group, head_size=head_size, dtype=torch.float16, device=DEVICE, seed=10 + group)
     out = run_triton(batch, small_workspace(batch), num_splits)
     assert_matches_reference(batch, out)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("num_splits", [1, 5, 8])
+def test_fused_merge_last_split_merges(group: int, num_splits: int) -> None:
+    """fused_merge: the last split of each (row, head) merges (no second kernel); heads that keep
+    0 or 1 token, empty heads and rows, and the counters back at zero for the next launch."""
+    rows = MIXED_ROWS_4_HEADS + [RowSpec(kept_len=[0, 0, 0, 0], dense_len=0), RowSpec(kept_len=[0, 7, 0, 0], dense_len=0)]
+    batch = make_ragged_batch(rows, num_kv_heads=4, group=group, head_size=64, dtype=torch.float16, device=DEVICE, seed=15 + group)
+    workspace = small_workspace(batch, fused_merge=True)
+    for _ in range(2):  # the second launch relies on the first one's reset counters
+        out = run_triton(batch, workspace, num_splits)
+        assert_matches_reference(batch, out)
+        assert torch.all(out[4] == 0) and torch.all(out[5, :group] == 0)
+        assert int(workspace.arrival_count.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -166,22 +183,27 @@ def test_large_random_batch_cuda(dtype: torch.dtype, group: int, head_size: int)
     rows.append(RowSpec(kept_len=[5000] * num_kv_heads, dense_len=4000))
     batch = make_ragged_batch(rows, num_kv_heads=num_kv_heads, group=group, head_size=head_size, dtype=dtype, device=DEVICE, seed=81)
     for tile_tokens in (None, 128):  # the regime's tile (64 here) and the large-batch tile
-        workspace = RaggedDecodeWorkspace(
-            len(rows), num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads,
-            max_partial_slots=len(rows) * 32, tile_tokens=tile_tokens,
-        )
-        for num_splits in (None, 1, 7, 32):
-            assert_matches_reference(batch, run_triton(batch, workspace, num_splits))
+        for fused_merge in (False, True):  # the merge kernel, or the last split merging (racing splits)
+            workspace = RaggedDecodeWorkspace(
+                len(rows), num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads,
+                max_partial_slots=len(rows) * 32, tile_tokens=tile_tokens, fused_merge=fused_merge,
+            )
+            for num_splits in (None, 1, 7, 32):
+                assert_matches_reference(batch, run_triton(batch, workspace, num_splits))
+            assert int(workspace.arrival_count.abs().sum()) == 0
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a CUDA device")
-def test_cuda_graph_replay_follows_new_lengths() -> None:
+@pytest.mark.parametrize("fused_merge", [False, True])
+def test_cuda_graph_replay_follows_new_lengths(fused_merge: bool) -> None:
     """Captured once, the launch stays correct when the metadata values (not shapes) change."""
     num_kv_heads, group, head_size = 4, 4, 128
     first = [RowSpec(kept_len=[500, 0, 37, 1200], dense_len=300), RowSpec(kept_len=[0] * 4, dense_len=900)]
     second = [RowSpec(kept_len=[3, 2000, 0, 64], dense_len=17), RowSpec(kept_len=[700, 1, 1, 90], dense_len=1)]
     batch = make_ragged_batch(first, num_kv_heads, group, head_size, dtype=torch.bfloat16, device=DEVICE, seed=90, spare_blocks=200)
-    workspace = RaggedDecodeWorkspace(2, num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads)
+    workspace = RaggedDecodeWorkspace(
+        2, num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads, fused_merge=fused_merge
+    )
     out = torch.empty_like(batch.query)
     # Static metadata buffers, wide enough for both batches, as a model runner keeps them.
     block_table = torch.zeros(2, 256, dtype=torch.int32, device=DEVICE)

@@ -78,9 +78,10 @@ def _engine_request(state, request_id: str):
     return recorded(state.requests, request_id)
 
 
-# A GPU engine runs other kernels than the CPU oracle (cuBLAS, vLLM's attention), so its KVzap
-# scores differ from the oracle's by float noise, and a score that close to the threshold may land
-# on the other side of it there. On the CPU, the keep-sets must be equal.
+# A GPU engine runs other kernels than the CPU oracle (cuBLAS, vLLM's attention; float32 dots in IEEE,
+# see conftest.py), so its KVzap scores differ from the oracle's by float rounding, and a score that
+# close to the threshold may land on the other side of it there. On the CPU, the keep-sets must be
+# equal.
 GPU_SCORE_TOLERANCE = 1e-2
 
 

@@ -162,6 +162,9 @@ def _ragged_decode_split_kernel(
     MIN_TILES_PER_SPLIT: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
+    MERGE_GROUP: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
@@ -278,10 +281,9 @@ def _ragged_decode_split_kernel(
             )
             if FUSED_MERGE:
                 _merge_if_last(
-                    row, kv_head, used_splits, grid_splits, q_heads, group_mask, dim_offsets,
-                    out_ptr + row * out_stride_row, out_stride_head,
+                    row, kv_head, used_splits, grid_splits, out_ptr + row * out_stride_row, out_stride_head,
                     partial_acc_ptr, partial_max_ptr, partial_sum_ptr, arrival_count_ptr,
-                    NUM_KV_HEADS, GROUP, BLOCK_GROUP, HEAD_SIZE,
+                    NUM_KV_HEADS, GROUP, HEAD_SIZE, MERGE_GROUP, BLOCK_SPLITS, SPLIT_CHUNK,
                 )
     if FUSED_MERGE and not SINGLE_SPLIT:
         if used_splits == 0 and split == 0:
@@ -299,14 +301,16 @@ def _ragged_decode_split_kernel(
 
 @triton.jit
 def _merge_if_last(
-    row, kv_head, used_splits, grid_splits, q_heads, group_mask, dim_offsets,
-    out_row_ptr, out_stride_head,
+    row, kv_head, used_splits, grid_splits, out_row_ptr, out_stride_head,
     partial_acc_ptr, partial_max_ptr, partial_sum_ptr, arrival_count_ptr,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr,
+    MERGE_GROUP: tl.constexpr, BLOCK_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
     """Called by every used split after it wrote its partial: the last one to arrive merges them
     all into the output of the (row, kv head)'s GROUP query heads and resets the counter for the
-    next launch (so a CUDA graph replays it as is)."""
+    next launch (so a CUDA graph replays it as is).  The merge reads the partials as whole
+    [splits, group] and [SPLIT_CHUNK, group, head_size] tiles, not split by split: a serial loop
+    of L2 round trips would cost more than the second kernel it replaces."""
     # Every thread's partial stores are issued before the count (barrier), and the count's
     # release / acquire orders them against the last split's loads (gpu scope).
     tl.debug_barrier()
@@ -316,26 +320,35 @@ def _merge_if_last(
         tl.store(counter, 0)
         num_q_heads: tl.constexpr = NUM_KV_HEADS * GROUP
         first_slot = row.to(tl.int64) * grid_splits
-        global_max = tl.full([BLOCK_GROUP], float("-inf"), dtype=tl.float32)
-        for other in range(0, used_splits):
-            index = (first_slot + other) * num_q_heads + q_heads
-            # .cg: read from L2, where the other SMs' partials are, never a stale L1 line.
-            other_max = tl.load(partial_max_ptr + index, mask=group_mask, other=float("-inf"), cache_modifier=".cg")
-            global_max = tl.maximum(global_max, other_max)
+        group_offsets = tl.arange(0, MERGE_GROUP)
+        group_mask = group_offsets < GROUP
+        q_heads = kv_head * GROUP + group_offsets
+        dim_offsets = tl.arange(0, HEAD_SIZE)
+
+        # Pass 1: per query head, the max over the splits and the softmax denominator.
+        # .cg: read from L2, where the other SMs' partials are, never a stale L1 line.
+        split_offsets = tl.arange(0, BLOCK_SPLITS)
+        index = (first_slot + split_offsets)[:, None] * num_q_heads + q_heads[None, :]
+        mask = (split_offsets < used_splits)[:, None] & group_mask[None, :]
+        split_max = tl.load(partial_max_ptr + index, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        split_sum = tl.load(partial_sum_ptr + index, mask=mask, other=0.0, cache_modifier=".cg")
+        global_max = tl.max(split_max, axis=0)
         global_max = tl.where(global_max == float("-inf"), 0.0, global_max)
-        denom = tl.zeros([BLOCK_GROUP], dtype=tl.float32)
-        numer = tl.zeros([BLOCK_GROUP, HEAD_SIZE], dtype=tl.float32)
-        for other in range(0, used_splits):
-            index = (first_slot + other) * num_q_heads + q_heads
-            other_max = tl.load(partial_max_ptr + index, mask=group_mask, other=float("-inf"), cache_modifier=".cg")
-            other_sum = tl.load(partial_sum_ptr + index, mask=group_mask, other=0.0, cache_modifier=".cg")
-            other_acc = tl.load(
-                partial_acc_ptr + index[:, None] * HEAD_SIZE + dim_offsets[None, :],
-                mask=group_mask[:, None], other=0.0, cache_modifier=".cg",
+        denom = tl.sum(tl.math.exp2(split_max - global_max[None, :]) * split_sum, axis=0)
+
+        # Pass 2: the weighted accumulators, SPLIT_CHUNK splits at a time.
+        numer = tl.zeros([MERGE_GROUP, HEAD_SIZE], dtype=tl.float32)
+        for chunk_start in range(0, used_splits, SPLIT_CHUNK):
+            chunk_offsets = chunk_start + tl.arange(0, SPLIT_CHUNK)
+            chunk_index = (first_slot + chunk_offsets)[:, None] * num_q_heads + q_heads[None, :]
+            chunk_mask = (chunk_offsets < used_splits)[:, None] & group_mask[None, :]
+            chunk_max = tl.load(partial_max_ptr + chunk_index, mask=chunk_mask, other=float("-inf"), cache_modifier=".cg")
+            chunk_acc = tl.load(
+                partial_acc_ptr + chunk_index[:, :, None] * HEAD_SIZE + dim_offsets[None, None, :],
+                mask=chunk_mask[:, :, None], other=0.0, cache_modifier=".cg",
             )
-            weight = tl.math.exp2(other_max - global_max)
-            denom += weight * other_sum
-            numer += weight[:, None] * other_acc
+            weight = tl.math.exp2(chunk_max - global_max[None, :])
+            numer += tl.sum(weight[:, :, None] * chunk_acc, axis=0)
         result = numer / tl.where(denom > 0, denom, 1.0)[:, None]
         tl.store(
             out_row_ptr + q_heads[:, None] * out_stride_head + dim_offsets[None, :],
@@ -656,6 +669,9 @@ def ragged_decode_attention(
         MIN_TILES_PER_SPLIT=workspace.min_tiles_per_split,
         SINGLE_SPLIT=single_split,
         FUSED_MERGE=workspace.fused_merge,
+        MERGE_GROUP=triton.next_power_of_2(group),
+        BLOCK_SPLITS=triton.next_power_of_2(grid_splits),
+        SPLIT_CHUNK=min(8, triton.next_power_of_2(grid_splits)),
         DOT_PRECISION=dot_precision,
         DOT_IN_FP32=dot_in_fp32,
         num_warps=num_warps,

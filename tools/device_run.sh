@@ -75,7 +75,10 @@ case "$1" in
     cp -r /tmp/res/. "$OUT/"; tail -6 /tmp/res/dms.txt;;
   kvzip)  # issue 5: KVzip (keep 0.25) on 8k and 32k: needs a chat template (.device/tokenizer carried along)
     mkdir -p /tmp/res
-    if [ -f /tmp/res/throughput_main.json ]; then base="--methods kvzip --baseline-from /tmp/res/throughput_main.json"
+    # KVZIP_BASELINE=<JSON with FLASH_ATTN on the workloads>: KVzip alone, its ratio against that run
+    # (32k: KVZIP_BASELINE=benchmarks/results/throughput_kvzip32k_h100.json METHOD_TIMEOUT=450).
+    if [ -n "${KVZIP_BASELINE:-}" ]; then base="--methods kvzip --baseline-from $KVZIP_BASELINE"
+    elif [ -f /tmp/res/throughput_main.json ]; then base="--methods kvzip --baseline-from /tmp/res/throughput_main.json"
     else base="--methods FLASH_ATTN kvzip"; fi  # a fresh machine: the baseline in this call
     python3 benchmarks/throughput.py --workloads ${KVZIP_WORKLOADS:-8k 32k} $base --prefill-requests 8 \
         --tokenizer-from .device/tokenizer --timeout "${METHOD_TIMEOUT:-500}" --out-dir /tmp/res --tag kvzip \

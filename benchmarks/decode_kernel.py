@@ -318,9 +318,12 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     from vllm_kvzip.backend.ops import RaggedDecodeWorkspace
 
     workspace = None if smoke else RaggedDecodeWorkspace(max(batches), NUM_Q_HEADS, HEAD_SIZE, device=device, num_kv_heads=NUM_KV_HEADS)
-    fused_workspace = None if smoke else RaggedDecodeWorkspace(
-        max(batches), NUM_Q_HEADS, HEAD_SIZE, device=device, num_kv_heads=NUM_KV_HEADS, fused_merge=True
-    )
+    # Each ragged point is timed with the merge kernel ("ragged...") and, on a GPU, with fused_merge ("..._fused").
+    ragged_variants = [("", workspace)]
+    if not smoke:
+        ragged_variants.append(("_fused", RaggedDecodeWorkspace(
+            max(batches), NUM_Q_HEADS, HEAD_SIZE, device=device, num_kv_heads=NUM_KV_HEADS, fused_merge=True
+        )))
     scale = 1.0 / math.sqrt(HEAD_SIZE)
     results: list[dict] = []
     config = dict(
@@ -376,27 +379,22 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
             triton_time = measure(lambda layout: vllm_kernels.triton_call(query, kv_pool, layout, out, scale), dense)
             record("triton_attn", 1.0, dense, triton_time)
 
-        ragged_time = measure(lambda layout: ragged_call(query, kv_pool, layout, out, scale, workspace, not smoke), dense)
-        extra = {}
         if fa3_time is not None:
-            # Same data, same layout: our output must match FA3's.
-            ragged_call(query, kv_pool, dense[0], out, scale, workspace, True)()
             vllm_kernels.fa3_call(query, kv_pool, dense[0], fa3_out, scale)()
-            extra["max_abs_diff_vs_fa3"] = float((out.float() - fa3_out.float()).abs().max())
-        record("ragged_uncompressed", 1.0, dense, ragged_time, **extra)
-        if fused_workspace is not None:
-            fused_time = measure(lambda layout: ragged_call(query, kv_pool, layout, out, scale, fused_workspace, True), dense)
-            ragged_call(query, kv_pool, dense[0], out, scale, fused_workspace, True)()
-            fused_extra = {"max_abs_diff_vs_fa3": float((out.float() - fa3_out.float()).abs().max())} if fa3_time else {}
-            record("ragged_uncompressed_fused", 1.0, dense, fused_time, **fused_extra)
+        for suffix, variant in ragged_variants:
+            time_us = measure(lambda layout: ragged_call(query, kv_pool, layout, out, scale, variant, not smoke), dense)
+            extra = {}
+            if fa3_time is not None:
+                # Same data, same layout: our output must match FA3's.
+                ragged_call(query, kv_pool, dense[0], out, scale, variant, True)()
+                extra["max_abs_diff_vs_fa3"] = float((out.float() - fa3_out.float()).abs().max())
+            record("ragged_uncompressed" + suffix, 1.0, dense, time_us, **extra)
 
         for keep in keeps:
             layouts = ragged_layouts(batch, context, keep, block_ids, device, copies_for)
-            time_us = measure(lambda layout: ragged_call(query, kv_pool, layout, out, scale, workspace, not smoke), layouts)
-            record("ragged", keep, layouts, time_us)
-            if fused_workspace is not None:
-                time_us = measure(lambda layout: ragged_call(query, kv_pool, layout, out, scale, fused_workspace, True), layouts)
-                record("ragged_fused", keep, layouts, time_us)
+            for suffix, variant in ragged_variants:
+                time_us = measure(lambda layout: ragged_call(query, kv_pool, layout, out, scale, variant, not smoke), layouts)
+                record("ragged" + suffix, keep, layouts, time_us)
 
         for point in results:
             if point["batch"] == batch and point["context"] == context and fa3_time is not None:
@@ -488,14 +486,12 @@ def main() -> None:
 def summarize(results: list[dict]) -> None:
     """The two targets of the brief, checked on the measured points."""
     fa3 = {(p["batch"], p["context"]): p for p in results if p["backend"] == "fa3"}
-    full = [p for p in results if p["backend"] == "ragged" and p["keep_ratio"] == 1.0 and (p["batch"], p["context"]) in fa3]
-    if full:
-        worst = max(full, key=lambda p: p["time_ratio_vs_fa3"])
-        print(f"keep 1.0 vs FA3: worst time ratio {worst['time_ratio_vs_fa3']:.3f} at batch {worst['batch']} context {worst['context']}")
-    fused_full = [p for p in results if p["backend"] == "ragged_fused" and p["keep_ratio"] == 1.0 and (p["batch"], p["context"]) in fa3]
-    if fused_full:
-        worst = max(fused_full, key=lambda p: p["time_ratio_vs_fa3"])
-        print(f"keep 1.0 vs FA3 with fused_merge: worst time ratio {worst['time_ratio_vs_fa3']:.3f} at batch {worst['batch']} context {worst['context']}")
+    for backend, label in (("ragged", ""), ("ragged_fused", " with fused_merge")):
+        full = [p for p in results if p["backend"] == backend and p["keep_ratio"] == 1.0 and (p["batch"], p["context"]) in fa3]
+        if full:
+            worst = max(full, key=lambda p: p["time_ratio_vs_fa3"])
+            print(f"keep 1.0 vs FA3{label}: worst time ratio {worst['time_ratio_vs_fa3']:.3f} "
+                  f"at batch {worst['batch']} context {worst['context']}")
     # fused_merge against the merge kernel, point by point (time ratio < 1: fused is faster).
     plain = {(p["batch"], p["context"], p["keep_ratio"]): p["time_us"] for p in results if p["backend"] == "ragged"}
     for p in results:

@@ -109,12 +109,13 @@ def _keep_sets_agree(recorded_keep, recorded_scores, reference, prompt_len: int,
     # The token at generated index i is at position prompt_len + i - 1 in the cache (the first one
     # comes from the prefill's logits); decisions up to the first differing token share their inputs.
     comparable = min(recorded_keep.shape[-1], reference_keep.shape[-1], prompt_len + same_prefix)
-    differ_at = (recorded_keep[..., :comparable] != reference_keep[..., :comparable]).any(dim=(0, 1)).nonzero()
+    differ = recorded_keep[..., :comparable] != reference_keep[..., :comparable]
+    differ_at = differ.any(dim=(0, 1)).nonzero()
     if differ_at.numel():
         first_differing_position = int(differ_at[0])
         folding_end = next(end * BLOCK_SIZE for _, end, _ in reference.folded_blocks if end * BLOCK_SIZE > first_differing_position)
         comparable = min(comparable, folding_end)
-    differ = recorded_keep[..., :comparable] != reference_keep[..., :comparable]
+        differ = differ[..., :comparable]
     score_gap = (recorded_scores[..., :comparable] - reference.scores[..., :comparable]).abs()
     margins = (reference.scores[..., :comparable][differ] - THRESHOLD).abs()
     detail = (

@@ -38,8 +38,12 @@ Kernel design
   kernel is not launched.  With ``fused_merge`` (workspace option) there is no
   second kernel: each split counts itself in a per-(row, head) arrival counter
   after writing its partial, and the last one to arrive merges (the split-K
-  "last block fixes up" pattern); it saves the second launch, which is most
-  of the gap to FA3 at batch 1 (about 3 us of 18 at 4k tokens).
+  "last block fixes up" pattern).  It saves the second launch, but on the
+  H100 it is slower where that launch matters (batch 1: 1.24x -> 1.53x FA3's
+  time at 4k tokens, 1.06x -> 1.23x at 32k; the last split's merge waits for
+  the slowest split and reads the partials back through L2) and at most 2%
+  faster elsewhere (benchmarks/results/decode_kernel_fused_quick.json), so it
+  stays off by default.
 * A (row, head) with no key at all (0 kept tokens and an empty dense region)
   gets a zero output, never NaN.
 

@@ -37,10 +37,24 @@ def close_engine(llm) -> None:
     alive for the rest of the session, and CI's 24 GB hold only so many of them."""
     import gc
 
+    import torch
+
     engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if engine_core is not None and hasattr(engine_core, "shutdown"):
         engine_core.shutdown()
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def engine_memory() -> dict:
+    """LLM(...) arguments that let the engines of one pytest process start one after another on a
+    GPU: at vLLM's default 0.92 a second engine finds too little free memory whenever anything of
+    the first (say, one that failed a test) is still alive. (On the CPU, VLLM_CPU_KVCACHE_SPACE
+    sizes the pool and this is not passed.)"""
+    import torch
+
+    return {"gpu_memory_utilization": 0.3} if torch.cuda.is_available() else {}
 
 
 @pytest.fixture(scope="session")

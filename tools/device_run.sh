@@ -55,10 +55,13 @@ case "$1" in
     # never run on a GPU yet); needs the `model` step first.
     # Session 9: the oracle test failed on CUDA (keep-sets not equal to the CPU oracle's); it now
     # allows flips within 1e-2 of the threshold in the first differing folding and prints them.
+    # Session 10 (IEEE float32 dots): the oracle test and test_e2e_compression pass; the 4,000-token
+    # and abort/preemption tests failed on sync-scheduling assumptions, since fixed (CPU-verified).
+    # Those two alone: E2E_TESTS=tests/test_e2e_threshold.py E2E_K="long_generation or abort".
     # tests/conftest.py sets TRITON_F32_DEFAULT=ieee; a fresh Triton cache so that no TF32 build of
     # the same float32 kernel from an earlier step is reused.
-    TRITON_CACHE_DIR=/tmp/triton_cache_ieee timeout "${E2E_TIMEOUT:-500}" python3 -m pytest -q -s -p no:cacheprovider tests/test_e2e_threshold.py \
-        tests/test_e2e_compression.py > "$OUT/e2e_cuda.txt" 2>&1
+    TRITON_CACHE_DIR=/tmp/triton_cache_ieee timeout "${E2E_TIMEOUT:-500}" python3 -m pytest -q -s -p no:cacheprovider \
+        ${E2E_TESTS:-tests/test_e2e_threshold.py tests/test_e2e_compression.py} ${E2E_K:+-k "$E2E_K"} > "$OUT/e2e_cuda.txt" 2>&1
     grep -E "keep-sets on the GPU|passed|failed|^(FAILED|ERROR)" "$OUT/e2e_cuda.txt" | tail -15;;
   # Session 6 plan: results in /tmp/res (kept while the machine stays warm: the kvzip step takes
   # FLASH_ATTN from there with --baseline-from), copied to $OUT after every step.

@@ -67,10 +67,14 @@ case "$1" in
   # FLASH_ATTN from there with --baseline-from), copied to $OUT after every step.
   main)  # issue 5: FLASH_ATTN vs kvzap-mlp (keep 0.25) on 8k and 32k, one engine per method
     # (MAIN_METHODS="FLASH_ATTN TRITON_ATTN kvzap-mlp" MAIN_WORKLOADS=8k: the issue's three-way run, ~350 s)
-    mkdir -p /tmp/res
+    # MAIN_TAG names the result files (session 10 ran two models as "main": the second call's
+    # files replaced the first's on the machine and a stale log came back with them).
+    tag=${MAIN_TAG:-main}
+    mkdir -p /tmp/res/logs "$OUT/logs"
     python3 benchmarks/throughput.py --workloads ${MAIN_WORKLOADS:-8k 32k} --methods ${MAIN_METHODS:-FLASH_ATTN kvzap-mlp} --model-config ${MAIN_MODEL:-llama-3.1-8b} --prefill-requests 8 \
-        --timeout "${METHOD_TIMEOUT:-270}" --out-dir /tmp/res --tag main > /tmp/res/main.txt 2>&1
-    cp -r /tmp/res/. "$OUT/"; tail -7 /tmp/res/main.txt;;
+        --timeout "${METHOD_TIMEOUT:-270}" --out-dir /tmp/res --tag "$tag" > "/tmp/res/$tag.txt" 2>&1
+    cp /tmp/res/"$tag".txt /tmp/res/throughput_"$tag".* "$OUT/"; cp /tmp/res/logs/throughput_"$tag"_* "$OUT/logs/"
+    tail -7 "/tmp/res/$tag.txt";;
   long6)  # issue 6: long generations, FLASH_ATTN vs kvzap-dms (threshold, decode-time eviction)
     mkdir -p /tmp/res
     python3 benchmarks/throughput.py --workloads long-4k --methods FLASH_ATTN kvzap-dms --prefill-requests 8 \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -55,6 +56,35 @@ def engine_memory() -> dict:
     import torch
 
     return {"gpu_memory_utilization": 0.3} if torch.cuda.is_available() else {}
+
+
+@contextlib.contextmanager
+def scheduling(mode: str):
+    """Engines created inside run vLLM's scheduler in `mode`: "sync", or "async" (one batch in
+    flight: the scheduler plans step n + 1 before it has processed step n's output, vLLM's default
+    on a GPU). vLLM's CPU platform always turns async scheduling off, though its engine runs it:
+    here it is turned back on after the platform's check, so CI covers what a GPU runs. Pass
+    `async_scheduling=(mode == "async")` to the engine as well."""
+    if mode not in ("sync", "async"):
+        raise ValueError(f"scheduling mode must be 'sync' or 'async', got {mode!r}")
+    import torch
+
+    if mode == "sync" or torch.cuda.is_available():
+        yield
+        return
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.__dict__["check_and_update_config"]
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        original.__func__(cls, vllm_config)
+        vllm_config.scheduler_config.async_scheduling = True
+
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+    try:
+        yield
+    finally:
+        CpuPlatform.check_and_update_config = original
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import torch
 
 from vllm_kvzip.block_manager.geometry import CompressionGeometry, cdiv
 
-from tests.conftest import close_engine, engine_memory
+from tests.conftest import close_engine, engine_memory, scheduling
 from tests.engine_helpers import model_runner, question_prompt, recorded
 
 BLOCK_SIZE = 16
@@ -28,21 +28,26 @@ SETTINGS = {"method": "kvzap-mlp", "keep_ratio": 0.25, "window": 64}
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture(scope="module")
-def engine(embedded_model, surrogate_dir):
+# Every test runs with vLLM's scheduler in both modes (async: vLLM's default on a GPU, one batch in
+# flight, so the scheduler sees a prefill's compression one step later).
+@pytest.fixture(scope="module", params=["sync", "async"])
+def engine(embedded_model, surrogate_dir, request):
     from vllm import LLM
 
-    llm = LLM(
-        model=embedded_model,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=4096,
-        block_size=BLOCK_SIZE,
-        seed=0,
-        **engine_memory(),
-        disable_log_stats=False,  # vLLM's stat loggers run, so LLM.get_metrics() has vllm-kvzip's metrics
-        additional_config={"kv_compression": {**SETTINGS, "surrogate": surrogate_dir}},
-    )
+    with scheduling(request.param):
+        llm = LLM(
+            model=embedded_model,
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=4096,
+            block_size=BLOCK_SIZE,
+            seed=0,
+            async_scheduling=request.param == "async",
+            **engine_memory(),
+            disable_log_stats=False,  # vLLM's stat loggers run, so LLM.get_metrics() has vllm-kvzip's metrics
+            additional_config={"kv_compression": {**SETTINGS, "surrogate": surrogate_dir}},
+        )
+    assert bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling) == (request.param == "async")
     yield llm
     close_engine(llm)
 

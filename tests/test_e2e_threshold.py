@@ -24,7 +24,7 @@ from vllm_kvzip.block_manager.plan import (
     plan_retirement_layout,
 )
 
-from tests.conftest import close_engine, engine_memory
+from tests.conftest import close_engine, engine_memory, scheduling
 from tests.engine_helpers import question_prompt, recorded
 
 BLOCK_SIZE = 16
@@ -38,20 +38,25 @@ SETTINGS = {"method": "kvzap-mlp", "threshold": THRESHOLD, "window": WINDOW, "de
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture(scope="module")
-def engine(embedded_model):
+# Every test runs with vLLM's scheduler in both modes: decode-time foldings report their freed blocks
+# with a step's output, which async scheduling (vLLM's default on a GPU) processes one step later.
+@pytest.fixture(scope="module", params=["sync", "async"])
+def engine(embedded_model, request):
     from vllm import LLM
 
-    llm = LLM(
-        model=embedded_model,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=4800,
-        block_size=BLOCK_SIZE,
-        seed=0,
-        **engine_memory(),
-        additional_config={"kv_compression": SETTINGS},
-    )
+    with scheduling(request.param):
+        llm = LLM(
+            model=embedded_model,
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=4800,
+            block_size=BLOCK_SIZE,
+            seed=0,
+            async_scheduling=request.param == "async",
+            **engine_memory(),
+            additional_config={"kv_compression": SETTINGS},
+        )
+    assert _async_scheduling(llm) == (request.param == "async")
     yield llm
     close_engine(llm)
 

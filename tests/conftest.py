@@ -63,8 +63,8 @@ def scheduling(mode: str):
     """Engines created inside run vLLM's scheduler in `mode`: "sync", or "async" (one batch in
     flight: the scheduler plans step n + 1 before it has processed step n's output, vLLM's default
     on a GPU). vLLM's CPU platform always turns async scheduling off, though its engine runs it:
-    here it is turned back on after the platform's check, so CI covers what a GPU runs. Pass
-    `async_scheduling=(mode == "async")` to the engine as well."""
+    here it is turned back on after the platform's check, so CI covers what a GPU runs. The engine
+    must be asked for it as well (`start_engine` does both)."""
     if mode not in ("sync", "async"):
         raise ValueError(f"scheduling mode must be 'sync' or 'async', got {mode!r}")
     import torch
@@ -85,6 +85,21 @@ def scheduling(mode: str):
         yield
     finally:
         CpuPlatform.check_and_update_config = original
+
+
+SCHEDULING_MODES = ["sync", "async"]
+
+
+def start_engine(scheduling_mode: str, **llm_kwargs):
+    """An in-process LLM whose scheduler runs in `scheduling_mode` (see `scheduling`), sized to share a
+    GPU with the session's other engines (`engine_memory`)."""
+    from vllm import LLM
+
+    with scheduling(scheduling_mode):
+        llm = LLM(async_scheduling=scheduling_mode == "async", **engine_memory(), **llm_kwargs)
+    running = "async" if llm.llm_engine.vllm_config.scheduler_config.async_scheduling else "sync"
+    assert running == scheduling_mode, f"asked for {scheduling_mode} scheduling, vLLM runs {running}"
+    return llm
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import torch
 
 from vllm_kvzip.block_manager.geometry import CompressionGeometry, cdiv
 
-from tests.conftest import close_engine, engine_memory, scheduling
+from tests.conftest import SCHEDULING_MODES, close_engine, start_engine
 from tests.engine_helpers import model_runner, question_prompt, recorded
 
 BLOCK_SIZE = 16
@@ -30,24 +30,19 @@ pytestmark = pytest.mark.engine
 
 # Every test runs with vLLM's scheduler in both modes (async: vLLM's default on a GPU, one batch in
 # flight, so the scheduler sees a prefill's compression one step later).
-@pytest.fixture(scope="module", params=["sync", "async"])
+@pytest.fixture(scope="module", params=SCHEDULING_MODES)
 def engine(embedded_model, surrogate_dir, request):
-    from vllm import LLM
-
-    with scheduling(request.param):
-        llm = LLM(
-            model=embedded_model,
-            dtype="float32",
-            enforce_eager=True,
-            max_model_len=4096,
-            block_size=BLOCK_SIZE,
-            seed=0,
-            async_scheduling=request.param == "async",
-            **engine_memory(),
-            disable_log_stats=False,  # vLLM's stat loggers run, so LLM.get_metrics() has vllm-kvzip's metrics
-            additional_config={"kv_compression": {**SETTINGS, "surrogate": surrogate_dir}},
-        )
-    assert bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling) == (request.param == "async")
+    llm = start_engine(
+        request.param,
+        model=embedded_model,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=4096,
+        block_size=BLOCK_SIZE,
+        seed=0,
+        disable_log_stats=False,  # vLLM's stat loggers run, so LLM.get_metrics() has vllm-kvzip's metrics
+        additional_config={"kv_compression": {**SETTINGS, "surrogate": surrogate_dir}},
+    )
     yield llm
     close_engine(llm)
 

@@ -24,7 +24,7 @@ from vllm_kvzip.block_manager.plan import (
     plan_retirement_layout,
 )
 
-from tests.conftest import close_engine, engine_memory, scheduling
+from tests.conftest import SCHEDULING_MODES, close_engine, start_engine
 from tests.engine_helpers import question_prompt, recorded
 
 BLOCK_SIZE = 16
@@ -40,23 +40,18 @@ pytestmark = pytest.mark.engine
 
 # Every test runs with vLLM's scheduler in both modes: decode-time foldings report their freed blocks
 # with a step's output, which async scheduling (vLLM's default on a GPU) processes one step later.
-@pytest.fixture(scope="module", params=["sync", "async"])
+@pytest.fixture(scope="module", params=SCHEDULING_MODES)
 def engine(embedded_model, request):
-    from vllm import LLM
-
-    with scheduling(request.param):
-        llm = LLM(
-            model=embedded_model,
-            dtype="float32",
-            enforce_eager=True,
-            max_model_len=4800,
-            block_size=BLOCK_SIZE,
-            seed=0,
-            async_scheduling=request.param == "async",
-            **engine_memory(),
-            additional_config={"kv_compression": SETTINGS},
-        )
-    assert _async_scheduling(llm) == (request.param == "async")
+    llm = start_engine(
+        request.param,
+        model=embedded_model,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=4800,
+        block_size=BLOCK_SIZE,
+        seed=0,
+        additional_config={"kv_compression": SETTINGS},
+    )
     yield llm
     close_engine(llm)
 

@@ -25,7 +25,7 @@ import pytest
 
 from vllm_kvzip.eval.synthetic import make_example
 
-from tests.conftest import close_engine, scheduling
+from tests.conftest import SCHEDULING_MODES, close_engine, start_engine
 from tests.engine_helpers import model_runner, question_prompt
 
 BLOCK_SIZE = 16
@@ -39,25 +39,22 @@ pytestmark = pytest.mark.engine
 
 
 # -- the in-process engine and what watches it -------------------------------------------
-@pytest.fixture(scope="module", params=["sync", "async"])
+@pytest.fixture(scope="module", params=SCHEDULING_MODES)
 def engine(embedded_model, request):
-    from vllm import LLM
-
-    with scheduling(request.param):
-        llm = LLM(
-            model=embedded_model,
-            dtype="float32",
-            enforce_eager=True,
-            max_model_len=MAX_MODEL_LEN,
-            block_size=BLOCK_SIZE,
-            seed=0,
-            enable_chunked_prefill=True,
-            max_num_batched_tokens=CHUNK_TOKENS,
-            max_num_seqs=8,
-            num_gpu_blocks_override=POOL_BLOCKS,
-            async_scheduling=request.param == "async",
-            additional_config={"kv_compression": SETTINGS},
-        )
+    llm = start_engine(
+        request.param,
+        model=embedded_model,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=MAX_MODEL_LEN,
+        block_size=BLOCK_SIZE,
+        seed=0,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=CHUNK_TOKENS,
+        max_num_seqs=8,
+        num_gpu_blocks_override=POOL_BLOCKS,
+        additional_config={"kv_compression": SETTINGS},
+    )
     yield llm
     close_engine(llm)
 

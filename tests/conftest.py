@@ -97,7 +97,9 @@ def start_engine(scheduling_mode: str, **llm_kwargs):
 
     with scheduling(scheduling_mode):
         llm = LLM(async_scheduling=scheduling_mode == "async", **engine_memory(), **llm_kwargs)
-    running = "async" if llm.llm_engine.vllm_config.scheduler_config.async_scheduling else "sync"
+    from tests.engine_helpers import runs_async_scheduling
+
+    running = "async" if runs_async_scheduling(llm) else "sync"
     assert running == scheduling_mode, f"asked for {scheduling_mode} scheduling, vLLM runs {running}"
     return llm
 

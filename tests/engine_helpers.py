@@ -19,6 +19,11 @@ def model_runner(llm):
     return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
 
 
+def runs_async_scheduling(llm) -> bool:
+    """Whether the engine's scheduler runs one batch ahead (vLLM's default on a GPU)."""
+    return bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling)
+
+
 def recorded(records: dict, request_id: str):
     """The entry of `records` for `request_id`: the engine suffixes the ids LLM.generate gives it."""
     return next((value for key, value in records.items() if key.split("-")[0] == request_id), None)

@@ -20,6 +20,7 @@ from vllm_kvzip.block_manager.geometry import CompressionGeometry, cdiv
 
 from tests.conftest import SCHEDULING_MODES, close_engine, start_engine
 from tests.engine_helpers import model_runner, question_prompt, recorded
+from tests.scheduler_harness import kvzip_manager
 
 BLOCK_SIZE = 16
 MAX_TOKENS = 12
@@ -58,10 +59,7 @@ def _scheduler(engine):
 
 
 def _manager(engine):
-    from vllm_kvzip.block_manager.vllm_manager import KVzipManager
-
-    managers = _scheduler(engine).kv_cache_manager.coordinator.single_type_managers
-    return next(manager for manager in managers if isinstance(manager, KVzipManager))
+    return kvzip_manager(_scheduler(engine))
 
 
 def _assert_worker_state_follows_vllm(engine):

@@ -25,7 +25,8 @@ from vllm_kvzip.block_manager.plan import (
 )
 
 from tests.conftest import SCHEDULING_MODES, close_engine, start_engine
-from tests.engine_helpers import question_prompt, recorded
+from tests.engine_helpers import question_prompt, recorded, runs_async_scheduling
+from tests.scheduler_harness import kvzip_manager
 
 BLOCK_SIZE = 16
 WINDOW = 64
@@ -78,14 +79,7 @@ def _scheduler(engine):
 
 
 def _manager(engine):
-    from vllm_kvzip.block_manager.vllm_manager import KVzipManager
-
-    managers = _scheduler(engine).kv_cache_manager.coordinator.single_type_managers
-    return next(manager for manager in managers if isinstance(manager, KVzipManager))
-
-
-def _async_scheduling(engine) -> bool:
-    return bool(engine.llm_engine.vllm_config.scheduler_config.async_scheduling)
+    return kvzip_manager(_scheduler(engine))
 
 
 def _held_blocks(manager, request_id: str) -> int:
@@ -239,7 +233,7 @@ def test_long_generation_stays_within_the_threshold_bound(engine):
     foldings = 0
     freed_now = freed_after_prefill = 0
     request_id = None  # the engine's id: vLLM suffixes the one given to add_request
-    async_scheduling = _async_scheduling(engine)
+    async_scheduling = runs_async_scheduling(engine)
     last_retirements, reports_waited = 0, False
     while llm_engine.has_unfinished_requests():
         for output in llm_engine.step():

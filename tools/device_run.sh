@@ -4,10 +4,9 @@
 #   bash tools/device_run.sh gguf_a      # keep the first half of the embedded model's GGUF in /tmp
 #   bash tools/device_run.sh model       # join the halves, convert to an HF folder (~/.cache/vllm_kvzip)
 #   (the halves and .device/tokenizer come from `bash tools/split_gguf.sh` with the venv active, run here first)
-#   Next session (see the last closing note): gguf_a, then model + e2e (the oracle test with its GPU
-#   tolerance, never passed on CUDA) first; then MAIN_METHODS="FLASH_ATTN TRITON_ATTN kvzap-mlp"
-#   MAIN_WORKLOADS=8k main (then 32k in the next call); `decode` (fused_merge: is batch 1 within 10%
-#   of FA3?); Qwen3-8B shapes.
+#   Session 11: model + e2e with E2E_TESTS="tests/test_compressor.py tests/test_e2e_compression.py" (the
+#   two-half compression on CUDA: planning never synchronises), then MAIN_METHODS="FLASH_ATTN kvzap-mlp"
+#   MAIN_WORKLOADS=8k main (prefill cost), MAIN_TAG=triton32k ... 32k main, KVzip 32k.
 # Results go under $OUT (the device tool brings them back).
 set -uo pipefail
 source /tmp/site/env.sh || exit 3

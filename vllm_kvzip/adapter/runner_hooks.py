@@ -10,10 +10,13 @@ compression state exists, i.e. when compression is off):
 * `_prepare_inputs(scheduler_output, num_scheduled_tokens)`: stashes the
   step's request ids in attention-row order (the builder maps rows to page
   tables with them) and notes which requests complete their prefill.
-* `sample_tokens(grammar_output)`: after the step, compresses the requests
-  whose prefill completed.  A step whose output does not go through
-  `sample_tokens` is caught up at the next `_update_states`, still before the
-  next forward pass.
+* `sample_tokens(grammar_output)`: after the step, plans the compression of
+  the requests whose prefill completed (keep-ratio mode: scores, keep set and
+  moves, all on the device, `vllm_kvzip.backend.compressor`); the end of the
+  next `_prepare_inputs` launches the moves, before that step's attention
+  metadata and forward.  Threshold mode folds at once.  A step whose output
+  does not go through `sample_tokens` is caught up at the next
+  `_update_states`, still before the next forward pass.
 * `load_model` / `initialize_kv_cache`: KVzap's surrogate hooks on the loaded
   model, and its score caches next to the KV caches; for KVzip / KVzip+ the
   reconstruction pass and for SnapKV the observation pass
@@ -83,7 +86,14 @@ def install_runner_hooks() -> None:
                     completing[request_id] = reached
             state.step = StepBatch(request_ids=request_ids, completing=completing, reached=reached_by_request)
             state.pending.update(completing)
-        return original_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        result = original_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        if state is not None and state.planned:
+            # Compactions planned after the previous forward: launched before this step's
+            # attention metadata and forward, as late as possible, so that the host has prepared
+            # this step's inputs while the previous forward ran before it waits for the plans'
+            # numbers (they follow that forward).
+            apply_planned_compactions(state)
+        return result
 
     def sample_tokens(self, grammar_output, *args, **kwargs):
         output = original_sample_tokens(self, grammar_output, *args, **kwargs)
@@ -194,7 +204,7 @@ def request_token_ids(request) -> list[int]:
 def run_pending_compressions(runner, state, skip=()) -> None:
     if not state.pending:
         return
-    from vllm_kvzip.backend.compressor import compress_request, compress_threshold_request
+    from vllm_kvzip.backend.compressor import compress_threshold_request, plan_compression
 
     pending, state.pending = state.pending, {}
     reconstruction = scoring_pass(runner)
@@ -209,7 +219,7 @@ def run_pending_compressions(runner, state, skip=()) -> None:
                 lambda rid, first, ids: set_worker_block_ids(runner, rid, first, ids),
             )
         else:
-            compress_request(
+            plan_compression(
                 state,
                 request_id,
                 num_tokens,
@@ -217,6 +227,15 @@ def run_pending_compressions(runner, state, skip=()) -> None:
                 token_ids=request_token_ids(request) if reconstruction is not None else None,
                 reconstruction=reconstruction,
             )
+
+
+def apply_planned_compactions(state) -> None:
+    """Launch the keep-ratio compactions planned in an earlier step (`compressor.plan_compression`)."""
+    from vllm_kvzip.backend.compressor import apply_planned_compaction
+
+    planned, state.planned = state.planned, {}
+    for compaction in planned.values():
+        apply_planned_compaction(state, compaction)
 
 
 def run_decode_evictions(runner, state) -> None:

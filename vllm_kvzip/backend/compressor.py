@@ -1,9 +1,17 @@
 """Compress one request on the worker: score -> keep-sets -> compaction -> page table.
 
-Runs once per request, right after the step that completed its prefill (see
-`vllm_kvzip.adapter.runner_hooks`), on the worker's compute stream: the
-scheduler frees the request's gap blocks only after it has processed that
-step, so any later writer of those blocks is ordered after these moves.
+Keep-ratio mode runs in two halves on the worker's compute stream (see
+`vllm_kvzip.adapter.runner_hooks`): `plan_compression` right after the step
+that completed the prefill (scores, keep set and moves, all on the device,
+nothing read back), and `apply_planned_compaction` when the worker has
+prepared the next step's inputs, before that step's attention metadata and
+forward (the moves and the page table).  Only the second half waits, for the
+few numbers the first copied to the host, so the host prepares the next step
+while the GPU runs the forward before it, as vLLM's async scheduling expects.
+The request's first decode step already reads the compressed layout, as in a
+one-piece compression.  The scheduler frees the request's gap blocks only
+when it schedules a step after that prefill's step, whose forward comes after
+the moves.
 
 The budget is the one `CompressionGeometry` gives the scheduler, so both sides
 agree on the blocks that hold the head pages without talking to each other.
@@ -12,13 +20,19 @@ agree on the blocks that hold the head pages without talking to each other.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from vllm_kvzip.backend.ops import compact_kv
 from vllm_kvzip.backend.state import DENSE_SLOT, WorkerCompressionState
 from vllm_kvzip.block_manager.geometry import CompressionGeometry
-from vllm_kvzip.block_manager.plan import dense_flat_slots, plan_request_compaction, plan_retirement
+from vllm_kvzip.block_manager.plan import (
+    RequestCompactionPlan,
+    dense_flat_slots,
+    plan_request_compaction,
+    plan_retirement,
+)
 from vllm_kvzip.scoring.context import context_scores
 from vllm_kvzip.scoring.policies import keep_by_ratio
 
@@ -45,13 +59,10 @@ def geometry_for(state: WorkerCompressionState, num_tokens: int, keep_ratio: flo
 
 
 def _settled_clock(device: torch.device) -> float:
-    """perf_counter() once the device has finished the work queued so far.
+    """perf_counter() once the device has finished the work queued so far (threshold mode).
 
-    A compression runs right after the forward that completed the prefill, which is still
-    running on the GPU; its first host read would wait for it, and the time logged per request
-    was mostly that forward (~370 ms of a 2 x 8k prefill step on an H100, against ~3 ms of
-    compression).  Waiting first costs nothing extra: the compression reads plan sizes back
-    anyway, so it would wait for that forward either way.
+    A folding reads its plan sizes back at once, so it would wait for the forward it follows
+    either way; waiting first keeps that forward out of the time logged for the folding.
     """
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -64,6 +75,19 @@ def _whole_kv_cache(state: WorkerCompressionState) -> torch.Tensor:
     return state.kv_cache
 
 
+def keep_digest_terms(keep: torch.Tensor) -> torch.Tensor:
+    """int64 [2] on the mask's device: the two sums `keep_set_digest` formats (no read-back)."""
+    flat = keep.reshape(-1).to(torch.int64)
+    index = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+    # A fixed pseudo-random weight below 2**31 per position: sums stay far below int64's range.
+    weights = (index * 0x9E3779B1 + 0x7F4A7C15) % 2147483647
+    return torch.stack([(weights * flat).sum(), flat.sum()])
+
+
+def format_keep_digest(weighted: int, count: int) -> str:
+    return f"{(weighted ^ (count << 20)) & 0xFFFFFFFF:08x}"
+
+
 def keep_set_digest(keep: torch.Tensor) -> str:
     """Eight hex digits naming a keep mask [L, H, T]: equal masks give equal digests.
 
@@ -71,16 +95,52 @@ def keep_set_digest(keep: torch.Tensor) -> str:
     sequential phases) can tell whether they kept the same tokens, i.e. whether a difference in
     their outputs comes from scoring or from decoding.
     """
-    flat = keep.reshape(-1).to(torch.int64)
-    index = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
-    # A fixed pseudo-random weight below 2**31 per position: sums stay far below int64's range.
-    weights = (index * 0x9E3779B1 + 0x7F4A7C15) % 2147483647
-    weighted, count = torch.stack([(weights * flat).sum(), flat.sum()]).tolist()
-    return f"{(weighted ^ (count << 20)) & 0xFFFFFFFF:08x}"
+    return format_keep_digest(*keep_digest_terms(keep).tolist())
+
+
+@dataclass
+class PlannedCompaction:
+    """A keep-ratio compression whose moves are planned on the device and not yet launched.
+
+    Planned in the step that completed the prefill and applied in the worker's next step, once
+    its inputs are prepared and before its forward (`apply_planned_compaction`): only then does the
+    host wait for the few numbers it needs (`readback`: the plan's counts and the keep mask's
+    digest terms), which follow the previous forward.
+    """
+
+    request_id: str
+    geometry: CompressionGeometry
+    plan: RequestCompactionPlan
+    readback: torch.Tensor  # int64 [5] on the host: plan.counts, then keep_digest_terms
+    ready: torch.cuda.Event | None  # recorded after the copy to `readback` (None: copied synchronously)
+    host_seconds: float  # host time of the planning half
+    scoring_seconds: float
+    gpu_started: torch.cuda.Event | None = None
+    gpu_planned: torch.cuda.Event | None = None
+
+
+def _host_to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.tensor(values, device=device)` without waiting for the device's queued work.
+
+    A blocking copy to a GPU synchronises the stream; through pinned memory the copy is queued
+    like a kernel (the pinned buffer is not reused before the copy has run).
+    """
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _timing_event(device: torch.device) -> torch.cuda.Event | None:
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 @torch.inference_mode()
-def compress_request(
+def plan_compression(
     state: WorkerCompressionState,
     request_id: str,
     num_tokens: int,
@@ -89,12 +149,15 @@ def compress_request(
     token_ids: list[int] | None = None,
     reconstruction=None,
 ) -> CompressionGeometry | None:
-    """Compress `request_id` (its prefill of `num_tokens` tokens is in the cache).
+    """Score `request_id` (its prefill of `num_tokens` tokens is in the cache) and plan its compaction.
 
-    KVzip / KVzip+ / SnapKV need the request's `token_ids` and the worker's
-    scoring pass as `reconstruction` (`vllm_kvzip.backend.reconstruction.ReconstructionScorer`,
-    `vllm_kvzip.backend.observation.ObservationScorer`), which runs over the
-    request's still-dense blocks.
+    Nothing is read back from the device for KVzap, the head-level method and the
+    position-only methods: the keep set and the moves stay on the device, and the plan
+    waits in `state.planned` for `apply_planned_compaction` in the next step.  KVzip /
+    KVzip+ / SnapKV need the request's `token_ids` and the worker's scoring pass as
+    `reconstruction` (`vllm_kvzip.backend.reconstruction.ReconstructionScorer`,
+    `vllm_kvzip.backend.observation.ObservationScorer`), which runs over the request's
+    still-dense blocks.  Returns the geometry (None when the request is not compressed).
     """
     entry = state.requests.get(request_id)
     if entry is None or entry.compressed:
@@ -106,9 +169,10 @@ def compress_request(
     if not geometry.compresses:
         return geometry
     device = state.device
-    started = _settled_clock(device)
+    started = time.perf_counter()
+    gpu_started = _timing_event(device)
     evictable = geometry.evictable_tokens
-    block_table = torch.tensor(block_ids[: geometry.dense_start_block], dtype=torch.int32, device=device)
+    block_table = _host_to_device(block_ids[: geometry.dense_start_block], torch.int32, device)
     positions = torch.arange(evictable, device=device)
     recorded = None
     scoring_seconds = 0.0
@@ -132,27 +196,67 @@ def compress_request(
     keep = keep_by_ratio(
         scores, entry.keep_ratio, state.policy, sink_tokens=state.config.sink_tokens, window=0
     ).mask
-
-    entry.keep_digest = keep_set_digest(keep)
     if state.recorded_keep_sets is not None:
         state.recorded_keep_sets[request_id] = keep.cpu()
         state.recorded_scores[request_id] = scores.cpu()
     plan = plan_request_compaction(
-        keep, block_table, geometry.container_blocks, state.block_size, state.num_blocks_per_layer
+        keep, block_table, geometry.container_blocks, state.block_size, state.num_blocks_per_layer,
+        num_kept=geometry.kept_tokens,
     )
-    # Pages cross layers: every kept row inside the containers (of any layer) is gathered before any is written.
+    numbers = torch.cat([plan.counts, keep_digest_terms(keep)])
+    ready = None
+    if device.type == "cuda":
+        readback = torch.empty(numbers.shape, dtype=numbers.dtype, pin_memory=True)
+        readback.copy_(numbers, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    else:
+        readback = numbers
+    state.planned[request_id] = PlannedCompaction(
+        request_id=request_id,
+        geometry=geometry,
+        plan=plan,
+        readback=readback,
+        ready=ready,
+        host_seconds=time.perf_counter() - started,
+        scoring_seconds=scoring_seconds,
+        gpu_started=gpu_started,
+        gpu_planned=_timing_event(device),
+    )
+    return geometry
+
+
+@torch.inference_mode()
+def apply_planned_compaction(state: WorkerCompressionState, planned: PlannedCompaction) -> None:
+    """Launch a planned compaction's moves and switch the request to its ragged layout.
+
+    Runs in the step after `plan_compression`, once that step's inputs are prepared and before
+    its attention metadata is built: the wait for the plan's numbers ends with the previous
+    forward, and the moves queue before this step's forward, the first that may write the
+    gap blocks (the scheduler frees them when it schedules this step or a later one).
+    """
+    started = time.perf_counter()
+    entry = state.requests[planned.request_id]
+    if planned.ready is not None:
+        planned.ready.synchronize()
+    kept, staged, pages, weighted, count = planned.readback.tolist()
+    plan = planned.plan.resolve([kept, staged, pages])
+    geometry = planned.geometry
+    gpu_started = _timing_event(state.device)
     compact_kv(_whole_kv_cache(state), plan.src_slots, plan.dst_slots, num_staged=plan.num_staged)
     slot = state.table.acquire()
     state.table.kept_len[slot] = plan.kept_len
     state.table.page_start[slot] = plan.page_start
     state.table.dense_start[slot] = geometry.evictable_tokens
-    kept_total = plan.src_slots.numel()
     entry.slot = slot
-    entry.kept_tokens = kept_total
-    entry.evictable_tokens = evictable
+    entry.kept_tokens = kept
+    entry.evictable_tokens = geometry.evictable_tokens
     entry.dense_start = geometry.evictable_tokens
-    state.record_compression(entry, geometry, time.perf_counter() - started, scoring_seconds)
-    return geometry
+    entry.keep_digest = format_keep_digest(weighted, count)
+    state.gpu_timer.add(planned.gpu_started, planned.gpu_planned)
+    state.gpu_timer.add(gpu_started, _timing_event(state.device))
+    seconds = planned.host_seconds + time.perf_counter() - started
+    state.record_compression(entry, geometry, seconds, planned.scoring_seconds)
 
 
 # ---------------------------------------------------------------------------------

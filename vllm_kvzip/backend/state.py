@@ -56,6 +56,41 @@ class RaggedPageTable:
         self._free.append(slot)
 
 
+class GpuTimer:
+    """Device time of work bracketed by CUDA event pairs, read once the events have completed.
+
+    Reading an event's time waits for it; this only reads pairs whose end has passed (or all of
+    them, synchronising, when asked for the total), so that timing never holds the host back.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.count = 0
+        self._open: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def add(self, start: "torch.cuda.Event | None", end: "torch.cuda.Event | None") -> None:
+        if start is None or end is None:
+            return
+        self._open.append((start, end))
+        self.count += 1
+        if len(self._open) > 64:
+            self._collect(wait=False)
+
+    def _collect(self, wait: bool) -> None:
+        still_open = []
+        for start, end in self._open:
+            if wait or end.query():
+                end.synchronize()
+                self.seconds += start.elapsed_time(end) / 1e3
+            else:
+                still_open.append((start, end))
+        self._open = still_open
+
+    def total_seconds(self) -> float:
+        self._collect(wait=True)
+        return self.seconds
+
+
 @dataclass
 class RequestEntry:
     request_id: str
@@ -118,6 +153,9 @@ class WorkerCompressionState:
         self.step = StepBatch()
         # Requests whose compaction is due (prefill done, not yet compacted).
         self.pending: dict[str, int] = {}
+        # Keep-ratio compactions planned on the device, launched in the next step
+        # (`vllm_kvzip.backend.compressor.apply_planned_compaction`), by request id.
+        self.planned: dict = {}
         # Score buffers filled during the forward pass (KVzap), by layer name.
         self.score_caches: dict[str, torch.Tensor] = {}
         self.score_buffer: torch.Tensor | None = None  # [L, entries]: the score caches are its rows
@@ -137,6 +175,8 @@ class WorkerCompressionState:
         self.total_scoring_seconds = 0.0
         # Host time of every compression and folding (scoring, planning, compaction launch).
         self.total_compression_seconds = 0.0
+        # Device time of the keep-ratio compressions' kernels (CUDA only).
+        self.gpu_timer = GpuTimer()
         # Debugging / tests: keep masks [L, H, evictable] and the scores they
         # came from, by request id (VLLM_KVZIP_RECORD_KEEP_SETS=1 turns it on).
         record = os.environ.get("VLLM_KVZIP_RECORD_KEEP_SETS") == "1"
@@ -236,6 +276,9 @@ class WorkerCompressionState:
             "scoring_ms_per_request": 1e3 * self.total_scoring_seconds / max(1, self.total_compressed),
             "compression_seconds": self.total_compression_seconds,
             "compression_ms_per_request": 1e3 * self.total_compression_seconds / max(1, self.total_compressed),
+            # Device time of the keep-ratio compressions' kernels (planning and moves); 0 off CUDA.
+            "compression_gpu_seconds": self.gpu_timer.total_seconds(),
+            "compression_gpu_ms_per_request": 1e3 * self.gpu_timer.total_seconds() / max(1, self.total_compressed),
         }
 
     # -- request lifecycle -------------------------------------------------------------
@@ -252,6 +295,7 @@ class WorkerCompressionState:
     def drop_request(self, request_id: str) -> None:
         """Finished, aborted or preempted: forget the request (its blocks go back to vLLM)."""
         self.pending.pop(request_id, None)
+        self.planned.pop(request_id, None)
         self.freed_block_ranges.pop(request_id, None)
         entry = self.requests.pop(request_id, None)
         if entry is not None and entry.slot != DENSE_SLOT:

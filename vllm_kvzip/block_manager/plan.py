@@ -73,21 +73,6 @@ def page_flat_slots(
     return (blocks * num_kv_heads + pages % num_kv_heads) * block_size + offsets
 
 
-def stage_overwritten_sources(
-    src: torch.Tensor, dst: torch.Tensor, containers: torch.Tensor, num_kv_heads: int, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Moves whose source lies in a container (flat blocks `containers`) first, and their count.
-
-    Every destination is in a container, so only those sources can be
-    overwritten before they are read: they go through the compaction's scratch
-    (`compact_kv(num_staged=...)`); the others are copied directly, which keeps
-    the scratch to the kept rows already inside the containers.
-    """
-    in_container = torch.isin(src // (num_kv_heads * block_size), containers.to(src.device))
-    order = torch.argsort((~in_container).to(torch.int8), stable=True)
-    return src[order], dst[order], int(in_container.sum())
-
-
 def total_head_pages(kept_len: torch.Tensor, block_size: int) -> int:
     return int(pages_per_head(kept_len.to(torch.int64), block_size).sum())
 
@@ -104,26 +89,73 @@ class RequestCompactionPlan:
     The moves cross layers (a kept token of layer l may be written into
     another layer's share of a block that still holds sources), so they are
     applied to the flat cache all at once: gather every source, then scatter.
+
+    Built without reading anything back from the device (`plan_request_compaction`
+    with `num_kept`): the move count is the policy's fixed total, and the numbers
+    the host needs before it may launch the moves (the staged count, and the
+    counts that check the plan) wait in `counts` until `resolve` reads them.
     """
 
     kept_len: torch.Tensor  # [num_layers, num_kv_heads] int32
     page_start: torch.Tensor  # [num_layers, num_kv_heads] int32, global page index
     src_slots: torch.Tensor  # [num_moves] int64 flat slots, the staged moves first
     dst_slots: torch.Tensor  # [num_moves] int64 flat slots
-    num_staged: int  # moves whose source is in a container: read before any write (scratch)
+    # int64 [3] on the plan's device: kept tokens, staged moves, head pages.
+    counts: torch.Tensor
+    capacity_pages: int  # head pages the containers hold
+    num_staged: int | None = None  # moves whose source is in a container: read before any write (scratch)
+
+    def resolve(self, host_counts: list[int] | None = None) -> "RequestCompactionPlan":
+        """Check the plan against the read-back `counts` (read here when not given) and set `num_staged`."""
+        kept, staged, pages = host_counts if host_counts is not None else self.counts.tolist()
+        moves = self.src_slots.numel()
+        if kept != moves:
+            raise ValueError(f"the keep mask holds {kept} tokens but the policy's budget is {moves}")
+        if pages > self.capacity_pages:
+            raise ValueError(
+                f"the request needs {pages} head pages but {self.capacity_pages // self.kept_len.numel()} "
+                f"container blocks hold {self.capacity_pages}"
+            )
+        self.num_staged = staged
+        return self
+
+
+def kept_flat_indices(keep: torch.Tensor, num_kept: int) -> torch.Tensor:
+    """The flat indices of `keep`'s True entries in order (`keep.flatten().nonzero()`), for a known count.
+
+    `nonzero` must read its output size back from the device; with the count known
+    this is a scatter of every True entry to its rank.  Entries past `num_kept`
+    (a mask holding more than it should) land on a spare last row and are
+    dropped; `RequestCompactionPlan.resolve` then reports the mismatch.
+    """
+    flat = keep.reshape(-1)
+    rank = torch.cumsum(flat, dim=0) - 1
+    target = torch.where(flat & (rank < num_kept), rank, num_kept)
+    index = torch.zeros(num_kept + 1, dtype=torch.int64, device=keep.device)
+    index.scatter_(0, target, torch.arange(flat.numel(), device=keep.device))
+    return index[:num_kept]
 
 
 def plan_request_compaction(
-    keep: torch.Tensor, block_ids: torch.Tensor, num_container_blocks: int, block_size: int, blocks_per_layer: int
+    keep: torch.Tensor,
+    block_ids: torch.Tensor,
+    num_container_blocks: int,
+    block_size: int,
+    blocks_per_layer: int,
+    num_kept: int | None = None,
 ) -> RequestCompactionPlan:
     """Plan the moves that pack every (layer, head)'s kept tokens into the request's head pages.
 
     keep: [num_layers, num_kv_heads, evictable_tokens] bool, evictable_tokens a
         multiple of block_size: which tokens of the evictable prefix each pair keeps.
-    block_ids: the request's block ids (logical order), at least
-        evictable_tokens / block_size of them; the first `num_container_blocks`
-        hold the head pages in all their layer shares.
+    block_ids: the request's block ids (logical order, distinct, as in any vLLM
+        block table row), at least evictable_tokens / block_size of them; the
+        first `num_container_blocks` hold the head pages in all their layer shares.
     blocks_per_layer: NB, the number of blocks of one layer's cache.
+    num_kept: the mask's True count when the caller knows it (the policy's fixed
+        budget): then nothing is read back from the device and the plan comes
+        unresolved (`resolve` later, once its `counts` have reached the host);
+        None: counted here and resolved at once.
     Kept tokens stay in position order inside each pair.  Sources and
     destinations overlap (the containers are the request's first blocks), so
     the first `num_staged` moves (sources inside the containers) must be
@@ -132,22 +164,48 @@ def plan_request_compaction(
     num_layers, num_kv_heads, evictable = keep.shape
     if evictable % block_size:
         raise ValueError(f"evictable length {evictable} is not a multiple of block_size {block_size}")
+    resolve_now = num_kept is None
+    if resolve_now:
+        num_kept = int(keep.sum())
     kept_len = keep.sum(dim=-1, dtype=torch.int32)
     page_start = global_page_starts(kept_len, block_size)
-    pages = total_head_pages(kept_len, block_size)
-    capacity = num_container_blocks * num_layers * num_kv_heads
-    if pages > capacity:
-        raise ValueError(f"the request needs {pages} head pages but {num_container_blocks} container blocks hold {capacity}")
-    layers, heads, positions = keep.nonzero(as_tuple=True)  # layer-major, then head, then position
+    flat_index = kept_flat_indices(keep, num_kept)  # layer-major, then head, then position
+    layers = flat_index // (num_kv_heads * evictable)
+    heads = (flat_index // evictable) % num_kv_heads
+    positions = flat_index % evictable
     rank = torch.cumsum(keep.to(torch.int32), dim=-1)[layers, heads, positions] - 1
     src = dense_flat_slots(layers, positions, heads, block_ids, num_kv_heads, block_size, blocks_per_layer)
     containers = container_flat_blocks(block_ids[:num_container_blocks], num_layers, blocks_per_layer)
+    capacity_pages = num_container_blocks * num_layers * num_kv_heads
+    if num_kept and not capacity_pages:
+        raise ValueError(f"the request keeps {num_kept} tokens but has no container block")
     linear_pages = page_start.to(torch.int64)[layers, heads] + rank // block_size
+    # Pages past the containers mean a plan that `resolve` refuses; clamped so that the plan can be
+    # built (and refused) without a device-side out-of-bounds index.
+    linear_pages = linear_pages.clamp(max=capacity_pages - 1)
     dst = page_flat_slots(linear_pages, (rank % block_size).to(torch.int64), containers, num_kv_heads, block_size)
-    src, dst, num_staged = stage_overwritten_sources(src, dst, containers, num_kv_heads, block_size)
-    return RequestCompactionPlan(
-        kept_len=kept_len, page_start=page_start.to(torch.int32), src_slots=src, dst_slots=dst, num_staged=num_staged
+    # Every destination is in a container, so only sources inside one can be overwritten before
+    # they are read: they go first, through the compaction's scratch.  The containers are the
+    # request's first blocks in every layer and a block table row holds distinct ids, so those
+    # sources are the ones at positions before the containers' end.
+    in_container = positions < num_container_blocks * block_size
+    order = torch.argsort((~in_container).to(torch.int8), stable=True)
+    counts = torch.stack(
+        [
+            keep.sum(dtype=torch.int64),
+            in_container.sum(dtype=torch.int64),
+            pages_per_head(kept_len.to(torch.int64), block_size).sum(),
+        ]
     )
+    plan = RequestCompactionPlan(
+        kept_len=kept_len,
+        page_start=page_start.to(torch.int32),
+        src_slots=src[order],
+        dst_slots=dst[order],
+        counts=counts,
+        capacity_pages=capacity_pages,
+    )
+    return plan.resolve() if resolve_now else plan
 
 
 # ---------------------------------------------------------------------------------

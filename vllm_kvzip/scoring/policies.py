@@ -56,6 +56,13 @@ def protected_mask(num_tokens: int, sink_tokens: int, window: int, device: torch
     return (positions < sink_tokens) | (positions >= num_tokens - window)
 
 
+def evictable_count(num_tokens: int, sink_tokens: int, window: int) -> int:
+    """Tokens outside `protected_mask`, counted on the host (no read-back from the device)."""
+    sinks_end = min(sink_tokens, num_tokens)
+    window_start = max(num_tokens - window, 0)
+    return max(0, window_start - sinks_end)
+
+
 def budget(keep_ratio: float, count: int) -> int:
     """floor(keep_ratio * count), robust to 0.3 * 10 = 2.99999..."""
     return int(keep_ratio * count + _FLOOR_EPSILON) if count > 0 else 0
@@ -141,12 +148,13 @@ def keep_by_ratio(
         raise ValueError(f"keep_ratio must be within [0, 1], got {keep_ratio}")
     num_layers, num_heads, num_tokens = scores.shape
     protected = protected_mask(num_tokens, sink_tokens, window, scores.device)
-    num_evictable = int((~protected).sum())
+    num_evictable = evictable_count(num_tokens, sink_tokens, window)
     evictable = (~protected).expand(num_layers, num_heads, num_tokens)
     device = scores.device
 
     if policy == "global":
-        counts = torch.tensor([budget(keep_ratio, num_layers * num_heads * num_evictable)], device=device)
+        # torch.full, not torch.tensor([...]): a host-to-GPU copy would wait for the queued work.
+        counts = torch.full((1,), budget(keep_ratio, num_layers * num_heads * num_evictable), device=device)
         chosen = _keep_top_per_group(scores.reshape(1, -1), evictable.reshape(1, -1), counts)
     elif policy == "head":
         counts = torch.full((num_layers * num_heads,), budget(keep_ratio, num_evictable), device=device)

@@ -34,6 +34,8 @@ def _kvzap_state(device: str, seed: int = 0) -> WorkerCompressionState:
     state.attach_kv_cache({name: whole[i * NUM_BLOCKS : (i + 1) * NUM_BLOCKS] for i, name in enumerate(layer_names)})
     entries = NUM_BLOCKS * NUM_KV_HEADS * BLOCK + NUM_KV_HEADS
     state.score_buffer = torch.randn(NUM_LAYERS, entries, generator=generator).to(device)
+    # The tests' keep-set recording (VLLM_KVZIP_RECORD_KEEP_SETS, tests/conftest.py) copies to the host.
+    state.recorded_keep_sets = state.recorded_scores = None
     return state
 
 

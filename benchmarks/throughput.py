@@ -509,7 +509,8 @@ def _merge(args) -> int:
         for result in payload["results"]:
             if "baseline_from" in result:
                 continue  # the FLASH_ATTN copy an earlier run lent it: the original is merged itself
-            result = {k: v for k, v in result.items() if k not in ("speedup", "prefill_ratio_vs_flash_attn")}
+            result = {k: v for k, v in result.items()
+                      if k not in ("speedup", "prefill_ratio_vs_flash_attn", "prefill_2_tokens_ratio_vs_flash_attn")}
             results.append(result)
     if len(devices - {None}) > 1:
         raise SystemExit(f"--merge: results from different devices {sorted(devices - {None})}: compare within one machine")

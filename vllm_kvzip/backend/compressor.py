@@ -235,10 +235,11 @@ def apply_planned_compaction(state: WorkerCompressionState, planned: PlannedComp
     forward, and the moves queue before this step's forward, the first that may write the
     gap blocks (the scheduler frees them when it schedules this step or a later one).
     """
-    started = time.perf_counter()
     entry = state.requests[planned.request_id]
     if planned.ready is not None:
         planned.ready.synchronize()
+    # Timed from here: the wait above is for the previous forward, not for this compression.
+    started = time.perf_counter()
     kept, staged, pages, weighted, count = planned.readback.tolist()
     plan = planned.plan.resolve([kept, staged, pages])
     geometry = planned.geometry

@@ -173,7 +173,8 @@ class WorkerCompressionState:
         self.freed_block_ranges: dict[str, dict] = {}
         # Wall time of KVzip's reconstruction passes (device-synchronised), summed over requests.
         self.total_scoring_seconds = 0.0
-        # Host time of every compression and folding (scoring, planning, compaction launch).
+        # Host time of every compression and folding (scoring, planning, compaction launch; not the
+        # wait for the previous forward before a planned compaction is launched).
         self.total_compression_seconds = 0.0
         # Device time of the keep-ratio compressions' kernels (CUDA only).
         self.gpu_timer = GpuTimer()

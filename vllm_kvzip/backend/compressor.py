@@ -115,6 +115,7 @@ class PlannedCompaction:
     ready: torch.cuda.Event | None  # recorded after the copy to `readback` (None: copied synchronously)
     host_seconds: float  # host time of the planning half
     scoring_seconds: float
+    # Device time of the planning half (KVzip's / SnapKV's scoring pass included).
     gpu_started: torch.cuda.Event | None = None
     gpu_planned: torch.cuda.Event | None = None
 
@@ -151,9 +152,10 @@ def plan_compression(
 ) -> CompressionGeometry | None:
     """Score `request_id` (its prefill of `num_tokens` tokens is in the cache) and plan its compaction.
 
-    Nothing is read back from the device for KVzap, the head-level method and the
-    position-only methods: the keep set and the moves stay on the device, and the plan
-    waits in `state.planned` for `apply_planned_compaction` in the next step.  KVzip /
+    Nothing is read back from the device for KVzap (tests/test_compressor.py checks it on
+    CUDA), the head-level method and the position-only methods: the keep set and the moves
+    stay on the device, and the plan waits in `state.planned` for `apply_planned_compaction`
+    in the next step (KVzip's and SnapKV's scoring passes do read back).  KVzip /
     KVzip+ / SnapKV need the request's `token_ids` and the worker's scoring pass as
     `reconstruction` (`vllm_kvzip.backend.reconstruction.ReconstructionScorer`,
     `vllm_kvzip.backend.observation.ObservationScorer`), which runs over the request's

@@ -65,14 +65,12 @@ class GpuTimer:
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.count = 0
         self._open: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def add(self, start: "torch.cuda.Event | None", end: "torch.cuda.Event | None") -> None:
         if start is None or end is None:
             return
         self._open.append((start, end))
-        self.count += 1
         if len(self._open) > 64:
             self._collect(wait=False)
 

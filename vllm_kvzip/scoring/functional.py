@@ -188,8 +188,8 @@ def streaming_scores(positions: Tensor, num_kv_heads: int, sink_tokens: int) -> 
     The `sink_tokens` first positions of the sequence score +inf and every other
     token scores its position, so any top-k keeps the sinks and the newest tokens.
     """
-    scores = positions.float().clone()
-    scores[positions < sink_tokens] = float("inf")
+    # torch.where, not a masked assignment: that one counts the mask's entries on the host.
+    scores = torch.where(positions < sink_tokens, float("inf"), positions.float())
     return scores.expand(num_kv_heads, -1).clone()
 
 

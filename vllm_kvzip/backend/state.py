@@ -262,6 +262,7 @@ class WorkerCompressionState:
 
     def stats(self) -> dict[str, float | int]:
         """Totals since the engine started (benchmarks read them, e.g. with `worker_compression_stats`)."""
+        gpu_seconds = self.gpu_timer.total_seconds()  # waits for the compressions still running
         return {
             "method": self.config.method,
             "compressed_requests": self.total_compressed,
@@ -276,8 +277,8 @@ class WorkerCompressionState:
             "compression_seconds": self.total_compression_seconds,
             "compression_ms_per_request": 1e3 * self.total_compression_seconds / max(1, self.total_compressed),
             # Device time of the keep-ratio compressions' kernels (planning and moves); 0 off CUDA.
-            "compression_gpu_seconds": self.gpu_timer.total_seconds(),
-            "compression_gpu_ms_per_request": 1e3 * self.gpu_timer.total_seconds() / max(1, self.total_compressed),
+            "compression_gpu_seconds": gpu_seconds,
+            "compression_gpu_ms_per_request": 1e3 * gpu_seconds / max(1, self.total_compressed),
         }
 
     # -- request lifecycle -------------------------------------------------------------

@@ -173,7 +173,10 @@ def plan_request_compaction(
     layers = flat_index // (num_kv_heads * evictable)
     heads = (flat_index // evictable) % num_kv_heads
     positions = flat_index % evictable
-    rank = torch.cumsum(keep.to(torch.int32), dim=-1)[layers, heads, positions] - 1
+    # The i-th kept token overall is the (i - first of its pair)-th of its pair: flat_index is in
+    # pair order, and each pair's first index is the exclusive prefix sum of the kept counts.
+    pair_first = page_starts(kept_len.to(torch.int64))
+    rank = torch.arange(num_kept, device=keep.device) - pair_first[layers, heads]
     src = dense_flat_slots(layers, positions, heads, block_ids, num_kv_heads, block_size, blocks_per_layer)
     containers = container_flat_blocks(block_ids[:num_container_blocks], num_layers, blocks_per_layer)
     capacity_pages = num_container_blocks * num_layers * num_kv_heads
@@ -192,7 +195,7 @@ def plan_request_compaction(
     order = torch.argsort((~in_container).to(torch.int8), stable=True)
     counts = torch.stack(
         [
-            keep.sum(dtype=torch.int64),
+            kept_len.sum(dtype=torch.int64),
             in_container.sum(dtype=torch.int64),
             pages_per_head(kept_len.to(torch.int64), block_size).sum(),
         ]

@@ -86,8 +86,8 @@ def total_keep_count(
     """
     if policy not in POLICY_NAMES:
         raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICY_NAMES)}")
-    protected = min(num_tokens, sink_tokens + window)
-    evictable = num_tokens - protected
+    evictable = evictable_count(num_tokens, sink_tokens, window)
+    protected = num_tokens - evictable
     pairs = num_layers * num_heads
     if policy == "global":
         return pairs * protected + budget(keep_ratio, pairs * evictable)
@@ -108,8 +108,8 @@ def layer_keep_count(
         raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICY_NAMES)}")
     if policy == "global":
         raise ValueError("the global policy's per-layer count depends on the scores")
-    protected = min(num_tokens, sink_tokens + window)
-    evictable = num_tokens - protected
+    evictable = evictable_count(num_tokens, sink_tokens, window)
+    protected = num_tokens - evictable
     if policy == "head":
         return num_heads * (protected + budget(keep_ratio, evictable))
     return num_heads * protected + budget(keep_ratio, num_heads * evictable)  # layer, adakv

@@ -124,3 +124,19 @@ def test_soak_classifies_a_mismatch_by_its_keep_sets(soak):
     assert not mismatches[2]["same_keep_sets"]
     # The token counts of the same lines, as the sequential phase's chains need them.
     assert soak.compressions_by_index(log, "c") == {3: [8192], 17: [8192]}
+
+
+def test_prefill_cost_dry_run_writes_every_share(tmp_path):
+    """`benchmarks/prefill_cost.py --cpu-dry-run`: the GPU breakdown's plumbing, end to end on the CPU."""
+    import subprocess
+
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "prefill_cost.py"), "--cpu-dry-run", "--tokens", "512",
+         "--out-dir", str(tmp_path), "--tag", "dry"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload = json.loads((tmp_path / "prefill_cost_dry.json").read_text())
+    assert payload["device"] == "cpu (dry run)" and payload["command"].endswith("--tag dry")
+    assert set(payload["share_of_dense_prefill"]) == {"surrogate_mlp", "record_torch", "record_triton", "compression"}
+    assert payload["dense_layer_ms"] > 0 and payload["selection_topk_ms"] > 0

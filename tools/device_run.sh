@@ -100,6 +100,16 @@ case "$1" in
     python3 benchmarks/throughput.py --workloads long --methods $methods --prefill-requests 8 \
         ${LONG8K_BASELINE:+--baseline-from "$LONG8K_BASELINE"} --timeout "${METHOD_TIMEOUT:-480}" --out-dir /tmp/res --tag "dms8k_${methods// /_}" > "/tmp/res/dms8k_${methods// /_}.txt" 2>&1
     cp -r /tmp/res/. "$OUT/"; grep -v INFO "/tmp/res/dms8k_${methods// /_}.txt" | tail -6;;
+  prefill)  # issue 5: KVzap's prefill cost piece by piece (benchmarks/prefill_cost.py), Llama-3.1-8B and
+    # Qwen3-8B shapes, after the GPU tests of the pieces it times (score recording, selection, the halves).
+    TRITON_CACHE_DIR=/tmp/triton_cache_ieee python3 -m pytest -q -p no:cacheprovider tests/kernels/test_record_scores.py \
+        tests/scoring/test_policies.py tests/test_compressor.py > "$OUT/prefill_tests.txt" 2>&1
+    tail -2 "$OUT/prefill_tests.txt"
+    for model in llama-3.1-8b qwen3-8b; do
+      python3 benchmarks/prefill_cost.py --model-config "$model" --out-dir "$OUT" --tag "${model%%-*}_$GPU" \
+          > "$OUT/prefill_cost_$model.txt" 2>&1
+      grep -vE "INFO|WARNING" "$OUT/prefill_cost_$model.txt" | tail -30
+    done;;
   scoring)  # issue 5: KVzip chunk scoring, Triton kernel vs the torch definition (one layer, 8B shapes)
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_chunk_scores.py 2>&1 | tail -2
     timeout 120 python3 benchmarks/chunk_scores.py --out-dir "$OUT" --tag "$GPU" 2>&1 | tail -4;;

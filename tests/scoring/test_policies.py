@@ -10,6 +10,8 @@ import pytest
 
 from vllm_kvzip.scoring.policies import (
     ADAKV_SAFEGUARD,
+    _keep_top_per_group,
+    keep_top_by_stable_sort,
     keep_by_ratio,
     keep_by_threshold,
     layer_keep_count,
@@ -132,3 +134,37 @@ def test_policies_run_on_the_device_of_the_scores():
     keep = keep_by_ratio(scores, 0.5, "head", sink_tokens=2, window=2)
     assert keep.mask.device == scores.device
     assert (keep.kept_counts == 2 + 2 + 6).all()
+
+
+@st.composite
+def selection_problems(draw):
+    rows, length = draw(st.integers(1, 4)), draw(st.integers(1, 80))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    # Few distinct values (ties), with NaN and both infinities mixed in.
+    palette = torch.tensor([float("nan"), float("-inf"), float("inf"), -1.0, 0.0, 0.5, 2.0])
+    scores = palette[torch.randint(0, len(palette), (rows, length), generator=generator)]
+    if draw(st.booleans()):
+        scores = torch.randn(rows, length, generator=generator).to(torch.bfloat16).float()
+    evictable = torch.rand(rows, length, generator=generator) < draw(st.floats(0.0, 1.0))
+    evictable[:, 0] = True  # at least one evictable entry per row
+    smallest_row = int(evictable.sum(-1).min())
+    return scores, evictable, draw(st.integers(0, smallest_row))
+
+
+@settings(max_examples=300, deadline=None)
+@given(selection_problems())
+def test_top_per_group_equals_the_stable_sort_definition(problem):
+    """Selection without sorting keeps exactly the entries two stable sorts would rank first."""
+    scores, evictable, count = problem
+    kept = _keep_top_per_group(scores, evictable, count)
+    assert torch.equal(kept, keep_top_by_stable_sort(scores, evictable, count))
+    assert (kept.sum(-1) == count).all()
+
+
+def test_top_per_group_breaks_ties_towards_the_earlier_token():
+    scores = torch.tensor([[1.0, 3.0, 1.0, 3.0, 1.0, float("nan"), 3.0]])
+    evictable = torch.tensor([[True, True, True, False, True, True, True]])
+    # Two of the evictable 3.0s are kept (index 3 is protected), then the first evictable 1.0.
+    assert _keep_top_per_group(scores, evictable, 3).nonzero()[:, 1].tolist() == [0, 1, 6]
+    # Only NaN and protected entries left to fill: NaN ranks as -inf but is still evictable.
+    assert _keep_top_per_group(scores, evictable, 6).nonzero()[:, 1].tolist() == [0, 1, 2, 4, 5, 6]

@@ -7,7 +7,9 @@ runs that layer's KVzap surrogate and records the predicted log-scores in a
 per-layer *score cache* laid out like the KV cache (`[num_blocks, H, bs]`,
 flat index `(block * H + head) * bs + offset`), at the tokens' KV slots.  No
 extra forward pass; the compressor later reads the scores of a request's
-context from its blocks.
+context from its blocks.  The recording is one Triton launch per layer on
+CUDA (`vllm_kvzip.backend.ops.record_scores`; the torch reference it equals
+launched about a dozen kernels per layer and step).
 
 Why one opaque op for both the surrogate and the write: the surrogate's
 weights are not parameters of vLLM's model, so torch.compile would have to
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_kvzip.backend.ops import record_scores
 from vllm_kvzip.scoring.kvzap_model import (
     KVzapCheckpointError,
     KVzapSurrogate,
@@ -81,17 +84,6 @@ def kvzap_score_and_record(hidden_states: torch.Tensor, marker: torch.Tensor, la
 @kvzap_score_and_record.register_fake
 def _(hidden_states, marker, layer_name):
     return None
-
-
-def record_scores(cache: torch.Tensor, scores: torch.Tensor, slot_mapping: torch.Tensor, heads: int, block_size: int) -> None:
-    """Write `scores [num_tokens, H]` (one row per slot) into a score cache at the tokens' KV slots (slot -1: padding)."""
-    slots = slot_mapping.to(torch.int64)
-    head_index = torch.arange(heads, device=slots.device)[None, :]
-    index = ((slots // block_size)[:, None] * heads + head_index) * block_size + (slots % block_size)[:, None]
-    # Padding tokens (slot -1) write to the trash entries after the cache.
-    trash = cache.numel() - heads + head_index
-    index = torch.where(slots[:, None] >= 0, index, trash)
-    cache.view(-1).index_copy_(0, index.reshape(-1), scores.reshape(-1).to(cache.dtype))
 
 
 class KVzapRecorder:

@@ -115,21 +115,46 @@ def layer_keep_count(
     return num_heads * protected + budget(keep_ratio, num_heads * evictable)  # layer, adakv
 
 
-def _keep_top_per_group(scores: Tensor, evictable: Tensor, counts: Tensor) -> Tensor:
-    """Keep the `counts[g]` highest evictable scores of every row g of `scores` [G, N].
+def keep_top_by_stable_sort(scores: Tensor, evictable: Tensor, count: int) -> Tensor:
+    """The definition `_keep_top_per_group` implements: keep the first `count` ranks of every row.
 
-    Non-evictable entries never count against the budget.  Stable sort on the
-    negated scores = descending order with the earlier index first on ties.
+    Ranks come from two stable sorts: higher score first (NaN as -inf, the
+    earlier index first on ties), then protected entries last, so that they
+    never take a rank even when evictable scores are -inf.  Kept as the
+    reference of the tests and of `benchmarks/prefill_cost.py`.
     """
     ranked = torch.nan_to_num(scores.float(), nan=float("-inf"))
     order = torch.sort(-ranked, dim=-1, stable=True).indices
-    # Second stable pass: evictable entries first, so that protected ones never
-    # take a rank (this matters when evictable scores are -inf).
-    protected_first_last = (~torch.gather(evictable, -1, order)).to(torch.int8)
-    order = torch.gather(order, -1, torch.sort(protected_first_last, dim=-1, stable=True).indices)
+    protected_last = (~torch.gather(evictable, -1, order)).to(torch.int8)
+    order = torch.gather(order, -1, torch.sort(protected_last, dim=-1, stable=True).indices)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return (ranks < counts[:, None]) & evictable
+    return (ranks < count) & evictable
+
+
+def _keep_top_per_group(scores: Tensor, evictable: Tensor, count: int) -> Tensor:
+    """Keep the `count` highest evictable scores of every row of `scores` [G, N].
+
+    Non-evictable entries never count against the budget; NaN ranks as -inf.
+    Ties go to the earlier index, as a stable sort of the negated scores
+    would order them.  No sort: the row's `count`-th largest value `kth`
+    (a radix select, `topk` unsorted) splits the row into the entries above
+    it, all kept, and those equal to it, of which the first `count - above`
+    are kept.  The same keep set as `keep_top_by_stable_sort` (two stable
+    sorts of the whole row), for a fraction of the work on the GPU (the
+    global policy's row is every (layer, head, token) of a request), and
+    nothing is read back.
+    """
+    if count <= 0:
+        return torch.zeros_like(evictable)
+    ranked = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    # Protected entries rank lowest; `& evictable` below keeps them out even when kth is -inf.
+    ranked = torch.where(evictable, ranked, float("-inf"))
+    kth = ranked.topk(count, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = ranked > kth
+    tied = (ranked == kth) & evictable
+    missing = count - above.sum(dim=-1, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=-1) <= missing))
 
 
 def keep_by_ratio(
@@ -150,31 +175,28 @@ def keep_by_ratio(
     protected = protected_mask(num_tokens, sink_tokens, window, scores.device)
     num_evictable = evictable_count(num_tokens, sink_tokens, window)
     evictable = (~protected).expand(num_layers, num_heads, num_tokens)
-    device = scores.device
 
     if policy == "global":
-        # torch.full, not torch.tensor([...]): a host-to-GPU copy would wait for the queued work.
-        counts = torch.full((1,), budget(keep_ratio, num_layers * num_heads * num_evictable), device=device)
-        chosen = _keep_top_per_group(scores.reshape(1, -1), evictable.reshape(1, -1), counts)
+        count = budget(keep_ratio, num_layers * num_heads * num_evictable)
+        chosen = _keep_top_per_group(scores.reshape(1, -1), evictable.reshape(1, -1), count)
     elif policy == "head":
-        counts = torch.full((num_layers * num_heads,), budget(keep_ratio, num_evictable), device=device)
         chosen = _keep_top_per_group(
-            scores.reshape(num_layers * num_heads, -1), evictable.reshape(num_layers * num_heads, -1), counts
+            scores.reshape(num_layers * num_heads, -1),
+            evictable.reshape(num_layers * num_heads, -1),
+            budget(keep_ratio, num_evictable),
         )
     else:
         per_layer = budget(keep_ratio, num_heads * num_evictable)
-        counts = torch.full((num_layers,), per_layer, device=device)
         layer_scores = scores.reshape(num_layers, -1).float()
         if policy == "adakv":
             # Each head's best floor(alpha * r * E) tokens are kept first (AdaKV
             # sets them to +max), then the layer budget is filled across heads.
             safe = budget(adakv_safeguard * keep_ratio, num_evictable)
-            head_counts = torch.full((num_layers * num_heads,), safe, device=device)
             safeguarded = _keep_top_per_group(
-                scores.reshape(num_layers * num_heads, -1), evictable.reshape(num_layers * num_heads, -1), head_counts
+                scores.reshape(num_layers * num_heads, -1), evictable.reshape(num_layers * num_heads, -1), safe
             ).reshape(num_layers, -1)
             layer_scores = torch.where(safeguarded, torch.full_like(layer_scores, float("inf")), layer_scores)
-        chosen = _keep_top_per_group(layer_scores, evictable.reshape(num_layers, -1), counts)
+        chosen = _keep_top_per_group(layer_scores, evictable.reshape(num_layers, -1), per_layer)
     mask = chosen.reshape(num_layers, num_heads, num_tokens) | protected
     return KeepSet(mask=mask, kept_counts=mask.sum(dim=-1))
 

@@ -1,4 +1,4 @@
-"""KV-cache kernels of vllm-kvzip: ragged decode attention and in-place compaction.
+"""KV-cache kernels of vllm-kvzip: ragged decode attention, in-place compaction, KVzap score recording.
 
 Entry points pick the implementation from the tensors' device: Triton for
 CUDA tensors, the plain-torch reference (``reference.py``, also the CPU
@@ -21,6 +21,7 @@ from vllm_kvzip.backend.ops.reference import (
     gather_head_kv,
     ragged_attention_ref,
     ragged_decode_attention_ref,
+    record_scores_ref,
     virtual_token_slots,
 )
 
@@ -35,6 +36,8 @@ __all__ = [
     "ragged_attention_ref",
     "ragged_decode_attention",
     "ragged_decode_attention_ref",
+    "record_scores",
+    "record_scores_ref",
     "virtual_token_slots",
 ]
 
@@ -127,3 +130,25 @@ def compact_kv(
     from vllm_kvzip.backend.ops.compaction import compact_kv as triton_compact
 
     return triton_compact(kv_cache, src_slots, dst_slots, scratch=scratch, num_staged=num_staged)
+
+
+def record_scores(
+    cache: torch.Tensor,
+    scores: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    heads: int,
+    block_size: int,
+    use_triton: bool | None = None,
+) -> None:
+    """Write ``scores [num_tokens, heads]`` into a layer's score cache at the tokens' KV slots.
+
+    Triton when ``use_triton`` (default: ``cache.is_cuda``), else the torch
+    reference (``record_scores_ref``, which defines the layout).
+    """
+    if use_triton is None:
+        use_triton = cache.is_cuda
+    if not use_triton:
+        return record_scores_ref(cache, scores, slot_mapping, heads, block_size)
+    from vllm_kvzip.backend.ops.score_record import record_scores as triton_record
+
+    return triton_record(cache, scores, slot_mapping, heads, block_size)

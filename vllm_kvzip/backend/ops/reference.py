@@ -441,3 +441,22 @@ def compact_kv_ref(
         kv_rows.index_copy_(0, dst[num_staged:], kv_rows.index_select(0, src[num_staged:]))
     kv_rows.index_copy_(0, dst[:num_staged], staged)
     return kv_cache
+
+
+def record_scores_ref(
+    cache: torch.Tensor, scores: torch.Tensor, slot_mapping: torch.Tensor, heads: int, block_size: int
+) -> None:
+    """Write ``scores [num_tokens, heads]`` into a score cache at the tokens' KV slots, in place.
+
+    A score cache is one layer's ``[NB * heads * block_size + heads]`` float
+    entries laid out like that layer's KV cache: token ``t`` of KV head ``h``
+    goes to ``(slot // bs * heads + h) * bs + slot % bs`` (``slot =
+    slot_mapping[t]``).  Padding tokens (slot -1) write to the ``heads`` trash
+    entries at the end, which nothing reads.
+    """
+    slots = slot_mapping.to(torch.int64)
+    head_index = torch.arange(heads, device=slots.device)[None, :]
+    index = ((slots // block_size)[:, None] * heads + head_index) * block_size + (slots % block_size)[:, None]
+    trash = cache.numel() - heads + head_index
+    index = torch.where(slots[:, None] >= 0, index, trash)
+    cache.view(-1).index_copy_(0, index.reshape(-1), scores.reshape(-1).to(cache.dtype))

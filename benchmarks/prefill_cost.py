@@ -1,0 +1,286 @@
+"""Where KVzap's prefill cost goes, piece by piece, at 8B shapes on one GPU (no engine).
+
+`benchmarks/throughput.py` measures the whole cost (the prefill of 8 requests with the plugin
+against FLASH_ATTN); this script splits it, each piece timed with CUDA events in this process
+and printed as a share of the same tokens' dense prefill:
+
+* per layer of one `--tokens` prefill step: the dense decoder layer (QKV, O, gate-up and down
+  GEMMs plus causal attention; the baseline), the KVzap surrogate of that layer (KVzap-MLP), and
+  the recording of its scores at the tokens' KV slots (torch reference vs the Triton kernel);
+* per request of `--tokens` prompt tokens: the compression's two halves as the worker runs them
+  (`plan_compression` + `apply_planned_compaction`, the device time its own timer reports), and
+  the keep selection inside it (the stable-sort definition vs the selection without sort).
+
+The dense layer times the real shapes' matrix products with random bf16 weights; attention is
+vLLM's FlashAttention (FA3 on Hopper) when it imports, else PyTorch's SDPA (the JSON says which).
+
+    python benchmarks/prefill_cost.py --model-config llama-3.1-8b    # on the GPU machine
+    python benchmarks/prefill_cost.py --model-config qwen3-8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from result_files import write_results  # noqa: E402
+from throughput import MODEL_CONFIGS  # noqa: E402
+
+BLOCK_SIZE = 16
+
+
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
+# The Triton kernels: on the GPU; on the CPU dry run only under TRITON_INTERPRET=1 (slow), so not there.
+TRITON = True
+
+
+def time_ms(function, repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of `function`: CUDA events on the GPU, the host clock on the CPU (a dry run)."""
+    for _ in range(warmup):
+        function()
+    times = []
+    if DEVICE != "cuda":
+        for _ in range(repeats):
+            started = time.perf_counter()
+            function()
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
+
+
+def attention_function():
+    """(name, causal attention over [T, heads, head_dim] q / k / v) with the fastest kernel at hand."""
+    if DEVICE == "cuda":
+        try:
+            from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+            def flash(q, k, v):
+                cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
+                return flash_attn_varlen_func(q, k, v, max_seqlen_q=q.shape[0], cu_seqlens_q=cu,
+                                              max_seqlen_k=k.shape[0], cu_seqlens_k=cu, causal=True, fa_version=3)
+
+            probe = torch.randn(16, 4, 128, device=DEVICE, dtype=torch.bfloat16)
+            flash(probe, probe[:, :2].contiguous(), probe[:, :2].contiguous())
+            return "vllm_flash_attn_fa3", flash
+        except Exception as error:  # noqa: BLE001 - any import or launch failure: fall back, and say so
+            print(f"vLLM's FA3 is not usable here ({type(error).__name__}: {error}); using SDPA")
+
+    def sdpa(q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+        )
+        return out.transpose(0, 1)
+
+    return "torch_sdpa", sdpa
+
+
+def dense_layer_ms(config: dict, tokens: int, repeats: int) -> tuple[float, str]:
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    q_heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    options = {"device": DEVICE, "dtype": DTYPE}
+    x = torch.randn(tokens, hidden, **options)
+    w_qkv = torch.randn(hidden, (q_heads + 2 * kv_heads) * head_dim, **options) * 0.02
+    w_o = torch.randn(q_heads * head_dim, hidden, **options) * 0.02
+    w_gate_up = torch.randn(hidden, 2 * inter, **options) * 0.02
+    w_down = torch.randn(inter, hidden, **options) * 0.02
+    name, attention = attention_function()
+
+    def layer():
+        qkv = x @ w_qkv
+        q, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        out = attention(q.reshape(tokens, q_heads, head_dim), k.reshape(tokens, kv_heads, head_dim).contiguous(),
+                        v.reshape(tokens, kv_heads, head_dim).contiguous())
+        h = out.reshape(tokens, -1) @ w_o
+        gate, up = (h @ w_gate_up).chunk(2, dim=-1)
+        return (torch.nn.functional.silu(gate) * up) @ w_down
+
+    return time_ms(layer, repeats), name
+
+
+def surrogate_and_record_ms(config: dict, tokens: int, repeats: int) -> dict:
+    from vllm_kvzip.backend.ops import record_scores
+    from vllm_kvzip.scoring.kvzap_model import KVzapMLP
+
+    hidden, kv_heads = config["hidden_size"], config["num_key_value_heads"]
+    surrogate = KVzapMLP(hidden, kv_heads, 1).to(device=DEVICE, dtype=DTYPE).eval()
+    layer = surrogate.layers[0]
+    x = torch.randn(tokens, hidden, device=DEVICE, dtype=DTYPE)
+    num_blocks = 4 * tokens // BLOCK_SIZE
+    cache = torch.zeros(num_blocks * kv_heads * BLOCK_SIZE + kv_heads, device=DEVICE)
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=DEVICE)[:tokens]
+    with torch.inference_mode():
+        scores = layer(x)
+        expected = cache.clone()
+        record_scores(expected, scores, slots, kv_heads, BLOCK_SIZE, use_triton=False)
+        record_scores(cache, scores, slots, kv_heads, BLOCK_SIZE, use_triton=TRITON)
+        if not torch.equal(cache, expected):
+            raise AssertionError("the Triton score recording differs from the torch reference")
+        return {
+            "surrogate_mlp_ms": time_ms(lambda: layer(x), repeats),
+            "record_torch_ms": time_ms(
+                lambda: record_scores(cache, scores, slots, kv_heads, BLOCK_SIZE, use_triton=False), repeats),
+            "record_triton_ms": time_ms(
+                lambda: record_scores(cache, scores, slots, kv_heads, BLOCK_SIZE, use_triton=TRITON), repeats),
+        }
+
+
+def compress_once(state, tokens: int, num_blocks: int, request_blocks: int, generator: torch.Generator) -> None:
+    from vllm_kvzip.backend.compressor import apply_planned_compaction, plan_compression
+
+    block_ids = torch.randperm(num_blocks, generator=generator)[:request_blocks].tolist()
+    state.add_request("profiled", None)
+    with torch.inference_mode():
+        plan_compression(state, "profiled", tokens, block_ids)
+        apply_planned_compaction(state, state.planned.pop("profiled"))
+    state.drop_request("profiled")
+
+
+def profile_kernels(function, top: int = 15) -> list[dict]:
+    """The device kernels of one call of `function`, most time first (empty on the CPU dry run)."""
+    if DEVICE != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        function()
+        torch.cuda.synchronize()
+    rows = []
+    for event in profiler.key_averages():
+        device_us = getattr(event, "device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "cuda_time_total", 0.0)
+        if device_us > 0:
+            rows.append({"kernel": event.key[:120], "calls": event.count, "device_us": round(device_us, 1)})
+    rows.sort(key=lambda row: -row["device_us"])
+    return rows[:top]
+
+
+def compression_ms(config: dict, tokens: int, keep_ratio: float, repeats: int) -> dict:
+    """One request's two halves as the worker runs them, and the keep selection on its own."""
+    from vllm_kvzip.backend.compressor import apply_planned_compaction, plan_compression
+    from vllm_kvzip.backend.state import WorkerCompressionState
+    from vllm_kvzip.config import KVCompressionConfig
+    from vllm_kvzip.scoring.policies import _keep_top_per_group, keep_top_by_stable_sort
+
+    layers, kv_heads, head_dim = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
+    compression = KVCompressionConfig.parse({"method": "kvzap-mlp", "keep_ratio": keep_ratio})
+    layer_names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
+    state = WorkerCompressionState(compression, layer_names, kv_heads, head_dim, BLOCK_SIZE, 4, torch.device(DEVICE))
+    request_blocks = -(-tokens // BLOCK_SIZE)
+    num_blocks = 2 * request_blocks + 8
+    whole = torch.randn(layers * num_blocks, kv_heads, BLOCK_SIZE, 2 * head_dim, device=DEVICE, dtype=DTYPE)
+    state.attach_kv_cache({name: whole[i * num_blocks:(i + 1) * num_blocks] for i, name in enumerate(layer_names)})
+    state.score_buffer = torch.randn(layers, num_blocks * kv_heads * BLOCK_SIZE + kv_heads, device=DEVICE)
+    state.recorded_keep_sets = state.recorded_scores = None
+    generator = torch.Generator().manual_seed(0)
+    device_ms = []
+    for index in range(repeats + 2):
+        block_ids = torch.randperm(num_blocks, generator=generator)[:request_blocks].tolist()
+        request_id = f"r{index}"
+        state.add_request(request_id, None)
+        before = state.gpu_timer.total_seconds()
+        with torch.inference_mode():
+            plan_compression(state, request_id, tokens, block_ids)
+            apply_planned_compaction(state, state.planned.pop(request_id))
+        if index >= 2:  # the first two compile the Triton kernels
+            device_ms.append((state.gpu_timer.total_seconds() - before) * 1e3)
+        state.drop_request(request_id)
+    kernels = profile_kernels(lambda: compress_once(state, tokens, num_blocks, request_blocks, generator))
+    evictable = tokens - compression.window
+    scores = torch.randn(1, layers * kv_heads * evictable, device=DEVICE)
+    evictable_mask = torch.ones_like(scores, dtype=torch.bool)
+    evictable_mask[:, :4] = False
+    count = int(keep_ratio * evictable_mask.sum())
+    if not torch.equal(_keep_top_per_group(scores, evictable_mask, count),
+                       keep_top_by_stable_sort(scores, evictable_mask, count)):
+        raise AssertionError("the selection differs from its stable-sort definition")
+    return {
+        "compression_device_ms": statistics.median(device_ms),
+        "compression_kernels": kernels,
+        "selection_sort_ms": time_ms(lambda: keep_top_by_stable_sort(scores, evictable_mask, count), repeats),
+        "selection_topk_ms": time_ms(lambda: _keep_top_per_group(scores, evictable_mask, count), repeats),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-config", default="llama-3.1-8b", choices=sorted(MODEL_CONFIGS))
+    parser.add_argument("--tokens", type=int, default=8192, help="prompt tokens (one prefill step of them)")
+    parser.add_argument("--keep-ratio", type=float, default=0.25)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--cpu-dry-run", action="store_true",
+                        help="the tiny config in float32 on the CPU, torch paths only: checks the plumbing, measures nothing")
+    args = parser.parse_args()
+    global DEVICE, DTYPE, TRITON
+    if args.cpu_dry_run:
+        DEVICE, DTYPE, TRITON = "cpu", torch.float32, False
+        args.model_config, args.repeats = "tiny", 2
+    elif not torch.cuda.is_available():
+        parser.error("needs a CUDA device (or --cpu-dry-run)")
+    config = MODEL_CONFIGS[args.model_config]
+    layers = config["num_hidden_layers"]
+    layer_ms, attention = dense_layer_ms(config, args.tokens, args.repeats)
+    per_layer = surrogate_and_record_ms(config, args.tokens, args.repeats)
+    per_request = compression_ms(config, args.tokens, args.keep_ratio, args.repeats)
+    dense_ms = layer_ms * layers  # the layers' share of the prefill (no embedding or LM head)
+    shares = {
+        "surrogate_mlp": per_layer["surrogate_mlp_ms"] * layers / dense_ms,
+        "record_torch": per_layer["record_torch_ms"] * layers / dense_ms,
+        "record_triton": per_layer["record_triton_ms"] * layers / dense_ms,
+        "compression": per_request["compression_device_ms"] / dense_ms,
+    }
+    print(f"{args.model_config}, {args.tokens} tokens, {device_name()}, attention: {attention}")
+    print(f"dense layers: {layer_ms:.3f} ms per layer, {dense_ms:.1f} ms for all {layers}")
+    for name, value in {**per_layer, **per_request}.items():
+        if isinstance(value, list):
+            continue
+        print(f"  {name:24s} {value:8.3f} ms")
+    for row in per_request["compression_kernels"]:
+        print(f"    {row['device_us']:9.1f} us  x{row['calls']:<3d} {row['kernel'][:90]}")
+    print("share of the dense prefill of the same tokens:")
+    for name, value in shares.items():
+        print(f"  {name:24s} {100 * value:6.2f} %")
+    print(f"  selection: topk / stable sort = {per_request['selection_topk_ms'] / per_request['selection_sort_ms']:.3f}")
+    print(f"  record: Triton / torch = {per_layer['record_triton_ms'] / per_layer['record_torch_ms']:.3f}")
+    write_results(args.out_dir, "prefill_cost", args.tag, {
+        "device": device_name(),
+        "model_config": args.model_config,
+        "tokens": args.tokens,
+        "keep_ratio": args.keep_ratio,
+        "attention": attention,
+        "dense_layer_ms": layer_ms,
+        "dense_layers_ms": dense_ms,
+        **per_layer,
+        **per_request,
+        "share_of_dense_prefill": shares,
+        "selection_topk_over_sort": per_request["selection_topk_ms"] / per_request["selection_sort_ms"],
+        "record_triton_over_torch": per_layer["record_triton_ms"] / per_layer["record_torch_ms"],
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

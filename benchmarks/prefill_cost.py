@@ -1,15 +1,19 @@
 """Where KVzap's prefill cost goes, piece by piece, at 8B shapes on one GPU (no engine).
 
 `benchmarks/throughput.py` measures the whole cost (the prefill of 8 requests with the plugin
-against FLASH_ATTN); this script splits it, each piece timed with CUDA events in this process
-and printed as a share of the same tokens' dense prefill:
+against FLASH_ATTN); this script splits it, each piece timed in this process and printed as a
+share of the same tokens' dense prefill.  Each piece has two times: `*_ms`, CUDA events around
+back-to-back calls (the host's launch gaps count: what a piece costs when the GPU waits for the
+host), and `*_graph_ms`, CUDA-graph replays (device time only: what it costs inside vLLM's
+prefill, where the host runs ahead of the GPU).  The shares use the graph times.
 
 * per layer of one `--tokens` prefill step: the dense decoder layer (QKV, O, gate-up and down
   GEMMs plus causal attention; the baseline), the KVzap surrogate of that layer (KVzap-MLP), and
   the recording of its scores at the tokens' KV slots (torch reference vs the Triton kernel);
 * per request of `--tokens` prompt tokens: the compression's two halves as the worker runs them
-  (`plan_compression` + `apply_planned_compaction`, the device time its own timer reports), and
-  the keep selection inside it (the stable-sort definition vs the selection without sort).
+  (`plan_compression` + `apply_planned_compaction`: the device time its own timer reports, and
+  the sum of its kernels' times in a profile, whose largest kernels are listed), and the keep
+  selection inside it (the stable-sort definition vs the selection without sort).
 
 The dense layer times the real shapes' matrix products with random bf16 weights; attention is
 vLLM's FlashAttention (FA3 on Hopper) when it imports, else PyTorch's SDPA (the JSON says which).
@@ -65,6 +69,40 @@ def time_ms(function, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def graph_ms(function, repeats: int) -> float:
+    """Median milliseconds of one CUDA-graph replay of `function` (device time, no launch gaps)."""
+    if DEVICE != "cuda":
+        return time_ms(function, repeats)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up outside the graph: Triton compiles, allocators settle
+            function()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            function()
+    except RuntimeError as error:  # a piece that cannot be captured: say so, keep the other numbers
+        print(f"CUDA graph capture failed ({error}); its graph time is NaN")
+        return float("nan")
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def both_times(name: str, function, repeats: int) -> dict:
+    """`{name}_ms` (events around eager calls) and `{name}_graph_ms` (graph replays) of `function`."""
+    return {f"{name}_ms": time_ms(function, repeats), f"{name}_graph_ms": graph_ms(function, repeats)}
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
 
@@ -75,8 +113,10 @@ def attention_function():
         try:
             from vllm.vllm_flash_attn import flash_attn_varlen_func
 
+            boundaries = {}  # made before any graph capture (a host-to-device copy cannot be captured)
+
             def flash(q, k, v):
-                cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
+                cu = boundaries.setdefault(q.shape[0], torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device))
                 return flash_attn_varlen_func(q, k, v, max_seqlen_q=q.shape[0], cu_seqlens_q=cu,
                                               max_seqlen_k=k.shape[0], cu_seqlens_k=cu, causal=True, fa_version=3)
 
@@ -95,7 +135,7 @@ def attention_function():
     return "torch_sdpa", sdpa
 
 
-def dense_layer_ms(config: dict, tokens: int, repeats: int) -> tuple[float, str]:
+def dense_layer_ms(config: dict, tokens: int, repeats: int) -> tuple[dict, str]:
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     q_heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     options = {"device": DEVICE, "dtype": DTYPE}
@@ -115,7 +155,7 @@ def dense_layer_ms(config: dict, tokens: int, repeats: int) -> tuple[float, str]
         gate, up = (h @ w_gate_up).chunk(2, dim=-1)
         return (torch.nn.functional.silu(gate) * up) @ w_down
 
-    return time_ms(layer, repeats), name
+    return both_times("dense_layer", layer, repeats), name
 
 
 def surrogate_and_record_ms(config: dict, tokens: int, repeats: int) -> dict:
@@ -137,11 +177,11 @@ def surrogate_and_record_ms(config: dict, tokens: int, repeats: int) -> dict:
         if not torch.equal(cache, expected):
             raise AssertionError("the Triton score recording differs from the torch reference")
         return {
-            "surrogate_mlp_ms": time_ms(lambda: layer(x), repeats),
-            "record_torch_ms": time_ms(
-                lambda: record_scores(cache, scores, slots, kv_heads, BLOCK_SIZE, use_triton=False), repeats),
-            "record_triton_ms": time_ms(
-                lambda: record_scores(cache, scores, slots, kv_heads, BLOCK_SIZE, use_triton=TRITON), repeats),
+            **both_times("surrogate_mlp", lambda: layer(x), repeats),
+            **both_times("record_torch",
+                         lambda: record_scores(cache, scores, slots, kv_heads, BLOCK_SIZE, use_triton=False), repeats),
+            **both_times("record_triton",
+                         lambda: record_scores(cache, scores, slots, kv_heads, BLOCK_SIZE, use_triton=TRITON), repeats),
         }
 
 
@@ -156,10 +196,13 @@ def compress_once(state, tokens: int, num_blocks: int, request_blocks: int, gene
     state.drop_request("profiled")
 
 
-def profile_kernels(function, top: int = 15) -> list[dict]:
-    """The device kernels of one call of `function`, most time first (empty on the CPU dry run)."""
+def profile_kernels(function, top: int = 15) -> tuple[float, list[dict]]:
+    """(milliseconds of all device kernels, the `top` kernels by time) of one call of `function`.
+
+    (0.0, []) on the CPU dry run.
+    """
     if DEVICE != "cuda":
-        return []
+        return 0.0, []
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
@@ -173,7 +216,7 @@ def profile_kernels(function, top: int = 15) -> list[dict]:
         if device_us > 0:
             rows.append({"kernel": event.key[:120], "calls": event.count, "device_us": round(device_us, 1)})
     rows.sort(key=lambda row: -row["device_us"])
-    return rows[:top]
+    return sum(row["device_us"] for row in rows) / 1e3, rows[:top]
 
 
 def compression_ms(config: dict, tokens: int, keep_ratio: float, repeats: int) -> dict:
@@ -206,7 +249,7 @@ def compression_ms(config: dict, tokens: int, keep_ratio: float, repeats: int) -
         if index >= 2:  # the first two compile the Triton kernels
             device_ms.append((state.gpu_timer.total_seconds() - before) * 1e3)
         state.drop_request(request_id)
-    kernels = profile_kernels(lambda: compress_once(state, tokens, num_blocks, request_blocks, generator))
+    kernel_ms, kernels = profile_kernels(lambda: compress_once(state, tokens, num_blocks, request_blocks, generator))
     evictable = tokens - compression.window
     scores = torch.randn(1, layers * kv_heads * evictable, device=DEVICE)
     evictable_mask = torch.ones_like(scores, dtype=torch.bool)
@@ -217,9 +260,10 @@ def compression_ms(config: dict, tokens: int, keep_ratio: float, repeats: int) -
         raise AssertionError("the selection differs from its stable-sort definition")
     return {
         "compression_device_ms": statistics.median(device_ms),
+        "compression_kernel_ms": kernel_ms,
         "compression_kernels": kernels,
-        "selection_sort_ms": time_ms(lambda: keep_top_by_stable_sort(scores, evictable_mask, count), repeats),
-        "selection_topk_ms": time_ms(lambda: _keep_top_per_group(scores, evictable_mask, count), repeats),
+        **both_times("selection_sort", lambda: keep_top_by_stable_sort(scores, evictable_mask, count), repeats),
+        **both_times("selection_topk", lambda: _keep_top_per_group(scores, evictable_mask, count), repeats),
     }
 
 
@@ -242,42 +286,49 @@ def main() -> int:
         parser.error("needs a CUDA device (or --cpu-dry-run)")
     config = MODEL_CONFIGS[args.model_config]
     layers = config["num_hidden_layers"]
-    layer_ms, attention = dense_layer_ms(config, args.tokens, args.repeats)
+    dense, attention = dense_layer_ms(config, args.tokens, args.repeats)
     per_layer = surrogate_and_record_ms(config, args.tokens, args.repeats)
     per_request = compression_ms(config, args.tokens, args.keep_ratio, args.repeats)
-    dense_ms = layer_ms * layers  # the layers' share of the prefill (no embedding or LM head)
+    # The layers' share of the prefill (no embedding or LM head), from the graph times: inside
+    # vLLM's prefill the host runs ahead, so launch gaps cost nothing there.
+    dense_ms = dense["dense_layer_graph_ms"] * layers
     shares = {
-        "surrogate_mlp": per_layer["surrogate_mlp_ms"] * layers / dense_ms,
-        "record_torch": per_layer["record_torch_ms"] * layers / dense_ms,
-        "record_triton": per_layer["record_triton_ms"] * layers / dense_ms,
-        "compression": per_request["compression_device_ms"] / dense_ms,
+        name: per_layer[f"{name}_graph_ms"] * layers / dense_ms
+        for name in ("surrogate_mlp", "record_torch", "record_triton")
+    }
+    # The compression's halves wait on the host between them: their kernels' sum, not a replay.
+    shares["compression"] = per_request["compression_kernel_ms"] / dense_ms
+    ratios = {
+        "selection_topk_over_sort": per_request["selection_topk_graph_ms"] / per_request["selection_sort_graph_ms"],
+        "record_triton_over_torch": per_layer["record_triton_graph_ms"] / per_layer["record_torch_graph_ms"],
     }
     print(f"{args.model_config}, {args.tokens} tokens, {device_name()}, attention: {attention}")
-    print(f"dense layers: {layer_ms:.3f} ms per layer, {dense_ms:.1f} ms for all {layers}")
-    for name, value in {**per_layer, **per_request}.items():
-        if isinstance(value, list):
-            continue
-        print(f"  {name:24s} {value:8.3f} ms")
+    print(f"dense layers: {dense['dense_layer_graph_ms']:.3f} ms per layer (graph), {dense_ms:.1f} ms for all {layers}")
+    print(f"  {'piece':24s} {'events ms':>10s} {'graph ms':>10s}")
+    for name in ("surrogate_mlp", "record_torch", "record_triton", "selection_sort", "selection_topk"):
+        times = per_layer if name in shares else per_request
+        print(f"  {name:24s} {times[name + '_ms']:10.3f} {times[name + '_graph_ms']:10.3f}")
+    print(f"  {'compression (timer)':24s} {per_request['compression_device_ms']:10.3f}")
+    print(f"  {'compression (kernels)':24s} {per_request['compression_kernel_ms']:10.3f}")
     for row in per_request["compression_kernels"]:
         print(f"    {row['device_us']:9.1f} us  x{row['calls']:<3d} {row['kernel'][:90]}")
     print("share of the dense prefill of the same tokens:")
     for name, value in shares.items():
         print(f"  {name:24s} {100 * value:6.2f} %")
-    print(f"  selection: topk / stable sort = {per_request['selection_topk_ms'] / per_request['selection_sort_ms']:.3f}")
-    print(f"  record: Triton / torch = {per_layer['record_triton_ms'] / per_layer['record_torch_ms']:.3f}")
+    for name, value in ratios.items():
+        print(f"  {name:24s} {value:6.3f}")
     write_results(args.out_dir, "prefill_cost", args.tag, {
         "device": device_name(),
         "model_config": args.model_config,
         "tokens": args.tokens,
         "keep_ratio": args.keep_ratio,
         "attention": attention,
-        "dense_layer_ms": layer_ms,
-        "dense_layers_ms": dense_ms,
+        **dense,
+        "dense_layers_graph_ms": dense_ms,
         **per_layer,
         **per_request,
         "share_of_dense_prefill": shares,
-        "selection_topk_over_sort": per_request["selection_topk_ms"] / per_request["selection_sort_ms"],
-        "record_triton_over_torch": per_layer["record_triton_ms"] / per_layer["record_torch_ms"],
+        **ratios,
     })
     return 0
 

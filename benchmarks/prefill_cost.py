@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from decode_kernel import time_graph  # noqa: E402
 from result_files import write_results  # noqa: E402
 from throughput import MODEL_CONFIGS  # noqa: E402
 
@@ -73,29 +74,11 @@ def graph_ms(function, repeats: int) -> float:
     """Median milliseconds of one CUDA-graph replay of `function` (device time, no launch gaps)."""
     if DEVICE != "cuda":
         return time_ms(function, repeats)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # warm-up outside the graph: Triton compiles, allocators settle
-            function()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, stream=stream):
-            function()
+        return time_graph([function], inner=1, repeats=repeats) / 1e3
     except RuntimeError as error:  # a piece that cannot be captured: say so, keep the other numbers
         print(f"CUDA graph capture failed ({error}); its graph time is NaN")
         return float("nan")
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def both_times(name: str, function, repeats: int) -> dict:

@@ -7,6 +7,10 @@
 #   Session 11: model + e2e with E2E_TESTS="tests/test_compressor.py tests/test_e2e_compression.py" (the
 #   two-half compression on CUDA: planning never synchronises), then MAIN_METHODS="FLASH_ATTN kvzap-mlp"
 #   MAIN_WORKLOADS=8k main (prefill cost), MAIN_TAG=triton32k ... 32k main, KVzip 32k.
+#   Session 12: e2e (tests/test_compressor.py), kvzip (32k), prefill, main 8k for llama-3.1-8b and
+#   qwen3-8b, gguf_a + model + e2e (tests/test_e2e_kvzap_compiled.py). Not yet run: `prefill` with the
+#   CUDA-graph timings (e3d3d71), e2e with tests/test_e2e_threshold.py (the Triton score recording
+#   read back by decode-time foldings).
 # Results go under $OUT (the device tool brings them back).
 set -uo pipefail
 source /tmp/site/env.sh || exit 3

@@ -168,15 +168,20 @@ def surrogate_and_record_ms(config: dict, tokens: int, repeats: int) -> dict:
         }
 
 
-def compress_once(state, tokens: int, num_blocks: int, request_blocks: int, generator: torch.Generator) -> None:
+def compress_once(state, request_id: str, tokens: int, num_blocks: int, request_blocks: int,
+                  generator: torch.Generator) -> float:
+    """Compress one request on random blocks as the worker does (both halves); its device ms by the worker's timer."""
     from vllm_kvzip.backend.compressor import apply_planned_compaction, plan_compression
 
     block_ids = torch.randperm(num_blocks, generator=generator)[:request_blocks].tolist()
-    state.add_request("profiled", None)
+    state.add_request(request_id, None)
+    before = state.gpu_timer.total_seconds()
     with torch.inference_mode():
-        plan_compression(state, "profiled", tokens, block_ids)
-        apply_planned_compaction(state, state.planned.pop("profiled"))
-    state.drop_request("profiled")
+        plan_compression(state, request_id, tokens, block_ids)
+        apply_planned_compaction(state, state.planned.pop(request_id))
+    device_ms = (state.gpu_timer.total_seconds() - before) * 1e3
+    state.drop_request(request_id)
+    return device_ms
 
 
 def profile_kernels(function, top: int = 15) -> tuple[float, list[dict]]:
@@ -204,7 +209,6 @@ def profile_kernels(function, top: int = 15) -> tuple[float, list[dict]]:
 
 def compression_ms(config: dict, tokens: int, keep_ratio: float, repeats: int) -> dict:
     """One request's two halves as the worker runs them, and the keep selection on its own."""
-    from vllm_kvzip.backend.compressor import apply_planned_compaction, plan_compression
     from vllm_kvzip.backend.state import WorkerCompressionState
     from vllm_kvzip.config import KVCompressionConfig
     from vllm_kvzip.scoring.policies import _keep_top_per_group, keep_top_by_stable_sort
@@ -220,19 +224,11 @@ def compression_ms(config: dict, tokens: int, keep_ratio: float, repeats: int) -
     state.score_buffer = torch.randn(layers, num_blocks * kv_heads * BLOCK_SIZE + kv_heads, device=DEVICE)
     state.recorded_keep_sets = state.recorded_scores = None
     generator = torch.Generator().manual_seed(0)
-    device_ms = []
-    for index in range(repeats + 2):
-        block_ids = torch.randperm(num_blocks, generator=generator)[:request_blocks].tolist()
-        request_id = f"r{index}"
-        state.add_request(request_id, None)
-        before = state.gpu_timer.total_seconds()
-        with torch.inference_mode():
-            plan_compression(state, request_id, tokens, block_ids)
-            apply_planned_compaction(state, state.planned.pop(request_id))
-        if index >= 2:  # the first two compile the Triton kernels
-            device_ms.append((state.gpu_timer.total_seconds() - before) * 1e3)
-        state.drop_request(request_id)
-    kernel_ms, kernels = profile_kernels(lambda: compress_once(state, tokens, num_blocks, request_blocks, generator))
+    # The first two compile the Triton kernels.
+    device_ms = [compress_once(state, f"r{index}", tokens, num_blocks, request_blocks, generator)
+                 for index in range(repeats + 2)][2:]
+    kernel_ms, kernels = profile_kernels(
+        lambda: compress_once(state, "profiled", tokens, num_blocks, request_blocks, generator))
     evictable = tokens - compression.window
     scores = torch.randn(1, layers * kv_heads * evictable, device=DEVICE)
     evictable_mask = torch.ones_like(scores, dtype=torch.bool)

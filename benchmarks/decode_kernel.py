@@ -16,9 +16,13 @@ context) that fits in ``--max-cache-gb`` of KV cache it times:
 * ``ragged``: our kernel where each KV head keeps ``keep * context`` tokens
   (+-40% variation between heads, same total) in ragged pages, plus a
   128-token dense tail, for each keep ratio;
-* ``ragged_uncompressed_fused`` / ``ragged_fused``: the same two with the
-  workspace's ``fused_merge`` (the last split of a head merges, no second
-  kernel), so one run shows which merge to use where.
+* with ``--variants``, the same two with other merge strategies, named by
+  suffix, so that one run shows which to use where: ``_no_pdl`` (the merge
+  kernel launched normally, not as a programmatic dependent launch: the
+  default before session 13, and what the default is on pre-Hopper GPUs) and
+  ``_fused`` (the workspace's ``fused_merge``: the last split of a head
+  merges, no second kernel).  Each variant point gets ``time_ratio_vs_default``
+  (its time / the default kernel's at the same point).
 
 Every kernel is captured in a CUDA graph (``--inner`` calls, cycling over
 several copies of the layout when one copy would fit in L2) and the graph is
@@ -32,6 +36,7 @@ Run on an H100 with vLLM 0.26.0 (CUDA) installed, from the repository root::
 
     PYTHONPATH=. python benchmarks/decode_kernel.py            # full sweep, ~6 min
     PYTHONPATH=. python benchmarks/decode_kernel.py --quick    # subset, < 2 min
+    PYTHONPATH=. python benchmarks/decode_kernel.py --quick --variants no_pdl,fused --tag merge_quick
 
 ``--smoke`` runs tiny shapes on the CPU through the torch reference (no vLLM
 kernels), to exercise the script without a GPU.
@@ -64,6 +69,8 @@ HEAD_VARIATION = 0.4
 L2_BYTES = 50 * 2**20
 MAX_COPIES = 16
 BLOCK_BYTES = NUM_KV_HEADS * BLOCK_SIZE * 2 * HEAD_SIZE * 2  # one block of all heads, bf16
+# --variants: other merge strategies timed beside the default workspace (RaggedDecodeWorkspace options).
+VARIANTS = {"no_pdl": dict(dependent_launch=False), "fused": dict(fused_merge=True)}
 
 FULL_BATCHES = [1, 4, 16, 32, 64, 128]
 FULL_CONTEXTS = [4096, 8192, 16384, 32768, 65536, 131072]
@@ -317,13 +324,18 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     vllm_kernels = None if smoke else VllmKernels(max(batches), device)
     from vllm_kvzip.backend.ops import RaggedDecodeWorkspace
 
-    workspace = None if smoke else RaggedDecodeWorkspace(max(batches), NUM_Q_HEADS, HEAD_SIZE, device=device, num_kv_heads=NUM_KV_HEADS)
-    # Each ragged point is timed with the merge kernel ("ragged...") and, on a GPU, with fused_merge ("..._fused").
-    ragged_variants = [("", workspace)]
+    # Each ragged point is timed with the default workspace ("ragged...") and, on a GPU, with each
+    # requested variant ("ragged..._<variant>").
+    ragged_variants = [("", None if smoke else RaggedDecodeWorkspace(
+        max(batches), NUM_Q_HEADS, HEAD_SIZE, device=device, num_kv_heads=NUM_KV_HEADS
+    ))]
     if not smoke:
-        ragged_variants.append(("_fused", RaggedDecodeWorkspace(
-            max(batches), NUM_Q_HEADS, HEAD_SIZE, device=device, num_kv_heads=NUM_KV_HEADS, fused_merge=True
-        )))
+        ragged_variants += [
+            ("_" + name, RaggedDecodeWorkspace(
+                max(batches), NUM_Q_HEADS, HEAD_SIZE, device=device, num_kv_heads=NUM_KV_HEADS, **VARIANTS[name]
+            ))
+            for name in args.variants
+        ]
     scale = 1.0 / math.sqrt(HEAD_SIZE)
     results: list[dict] = []
     config = dict(
@@ -464,42 +476,59 @@ def main() -> None:
     parser.add_argument("--max-cache-gb", type=float, default=70.0, help="skip points whose KV pool exceeds this")
     parser.add_argument("--inner", type=int, default=20, help="kernel calls per CUDA graph")
     parser.add_argument("--repeats", type=int, default=7, help="graph replays timed per point (median)")
+    parser.add_argument(
+        "--variants", default="",
+        help=f"comma-separated merge variants timed beside the default kernel, of {sorted(VARIANTS)} (GPU only)",
+    )
+    parser.add_argument("--tag", default="", help="results go to decode_kernel_<tag>.{json,png}")
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: use --smoke on CPU")
+    args.variants = [name for name in args.variants.split(",") if name]
+    unknown = [name for name in args.variants if name not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; valid: {sorted(VARIANTS)}")
 
     started = time.perf_counter()
     print(HEADER, flush=True)
     results = run_sweep(args)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "decode_kernel_smoke" if args.smoke else "decode_kernel"
+    stem = "decode_kernel" + ("_smoke" if args.smoke else "") + (f"_{args.tag}" if args.tag else "")
     if not args.smoke:
-        summarize(results)  # adds each fused point's time_ratio_vs_merge_kernel before the JSON is written
+        summarize(results, args.variants)  # adds each variant point's time_ratio_vs_default before the JSON is written
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
     if results:
         plot(results, out_dir / f"{stem}.png")
     print(f"\n{len(results)} points in {time.perf_counter() - started:.0f} s -> {out_dir / (stem + '.json')}", flush=True)
 
 
-def summarize(results: list[dict]) -> None:
-    """The two targets of the brief, checked on the measured points."""
+def summarize(results: list[dict], variants: list[str]) -> None:
+    """The two targets of the brief, checked on the measured points, and each variant against the default."""
     fa3 = {(p["batch"], p["context"]): p for p in results if p["backend"] == "fa3"}
-    for backend, label in (("ragged", ""), ("ragged_fused", " with fused_merge")):
-        full = [p for p in results if p["backend"] == backend and p["keep_ratio"] == 1.0 and (p["batch"], p["context"]) in fa3]
+    for suffix in [""] + ["_" + name for name in variants]:
+        full = [p for p in results if p["backend"] == "ragged" + suffix and p["keep_ratio"] == 1.0 and (p["batch"], p["context"]) in fa3]
         if full:
             worst = max(full, key=lambda p: p["time_ratio_vs_fa3"])
-            print(f"keep 1.0 vs FA3{label}: worst time ratio {worst['time_ratio_vs_fa3']:.3f} "
-                  f"at batch {worst['batch']} context {worst['context']}")
-    # fused_merge against the merge kernel, point by point (time ratio < 1: fused is faster).
-    plain = {(p["batch"], p["context"], p["keep_ratio"]): p["time_us"] for p in results if p["backend"] == "ragged"}
-    for p in results:
-        if p["backend"] == "ragged_fused" and (p["batch"], p["context"], p["keep_ratio"]) in plain:
-            p["time_ratio_vs_merge_kernel"] = round(p["time_us"] / plain[(p["batch"], p["context"], p["keep_ratio"])], 4)
-    fused_ratios = [p["time_ratio_vs_merge_kernel"] for p in results if "time_ratio_vs_merge_kernel" in p]
-    if fused_ratios:
-        print(f"fused_merge / merge kernel time: min {min(fused_ratios):.3f}, max {max(fused_ratios):.3f} over {len(fused_ratios)} points")
+            print(f"keep 1.0 vs FA3{' (' + suffix[1:] + ')' if suffix else ''}: worst time ratio "
+                  f"{worst['time_ratio_vs_fa3']:.3f} at batch {worst['batch']} context {worst['context']}")
+    # Each variant against the default kernel, point by point (time ratio < 1: the variant is faster).
+    default = {
+        (p["backend"], p["batch"], p["context"], p["keep_ratio"]): p["time_us"]
+        for p in results if p["backend"] in ("ragged", "ragged_uncompressed")
+    }
+    for name in variants:
+        ratios = []
+        for p in results:
+            base = p["backend"].removesuffix("_" + name)
+            key = (base, p["batch"], p["context"], p["keep_ratio"])
+            if p["backend"].endswith("_" + name) and key in default:
+                p["time_ratio_vs_default"] = round(p["time_us"] / default[key], 4)
+                ratios.append(p["time_ratio_vs_default"])
+        if ratios:
+            print(f"{name} / default time: min {min(ratios):.3f}, median {statistics.median(ratios):.3f}, "
+                  f"max {max(ratios):.3f} over {len(ratios)} points")
     large = [p for p in results if p["backend"] == "ragged" and p["batch"] * p["context"] * p["keep_ratio"] >= 2**20]
     if large:
         worst = min(large, key=lambda p: p["bandwidth_fraction"])

@@ -39,12 +39,13 @@ case "$1" in
     tail -25 "$OUT/decode_kernel.txt"
     timeout "${KERNEL_TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/kernels > "$OUT/kernel_tests.txt" 2>&1
     tail -8 "$OUT/kernel_tests.txt";;
-  decode)  # issue 4: the decode kernel's tests on CUDA (fused_merge's racing splits included), then the
-    # quick sweep with the fused_merge variants beside the merge kernel (which one wins where).
+  decode)  # issue 4: the decode kernel's tests on CUDA (every merge mode, CUDA graphs included), then
+    # the quick sweep with the DECODE_VARIANTS merge strategies beside the default (which wins where).
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py > "$OUT/decode_tests.txt" 2>&1
     tail -4 "$OUT/decode_tests.txt"
-    timeout 300 python3 benchmarks/decode_kernel.py --quick --out-dir "$OUT" > "$OUT/decode_kernel.txt" 2>&1
-    grep -E "worst|fused_merge|points in" "$OUT/decode_kernel.txt";;
+    timeout "${DECODE_TIMEOUT:-300}" python3 benchmarks/decode_kernel.py ${DECODE_SWEEP---quick} \
+        --variants "${DECODE_VARIANTS-no_pdl}" --tag "${DECODE_TAG:-merge_quick}" --out-dir "$OUT" > "$OUT/decode_kernel.txt" 2>&1
+    grep -E "worst|/ default|points in" "$OUT/decode_kernel.txt";;
   cuda)  # build csrc/ in place, test the CUDA compaction against the reference, time it against Triton
     timeout 240 python3 setup.py build_ext --inplace > "$OUT/cuda_build.txt" 2>&1; tail -3 "$OUT/cuda_build.txt"
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_compaction_cuda.py -rs 2>&1 | tail -4

@@ -16,6 +16,15 @@ from vllm_kvzip.backend.ops import RaggedDecodeWorkspace, ragged_decode_attentio
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = torch.cuda.is_available()
 
+# How the splits of a (row, head) are merged: a second kernel launched normally, the same kernel
+# as a programmatic dependent launch (Hopper and newer), or the last split merging (fused_merge).
+ON_HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] >= 9
+MERGE_MODES = {
+    "merge_kernel": dict(dependent_launch=False),
+    **({"dependent_launch": dict(dependent_launch=True)} if ON_HOPPER else {}),
+    "fused": dict(fused_merge=True),
+}
+
 # One batch mixing every edge case of the brief.
 MIXED_ROWS_4_HEADS = [
     RowSpec(kept_len=[0, 1, 32, 45], dense_len=21),  # a head keeping 0, one keeping 1, full pages, partial page
@@ -135,6 +144,16 @@ def test_workspace_reused_across_batches_and_block_size_32() -> None:
         assert_matches_reference(batch, run_triton(batch, workspace, 4))
 
 
+def test_dependent_launch_only_where_supported() -> None:
+    """The merge kernel is a dependent launch by default exactly on Hopper and newer; asking for it
+    elsewhere is an error that names the option, not a silent normal launch."""
+    assert RaggedDecodeWorkspace(2, 4, 64, device="cpu").dependent_launch is False
+    with pytest.raises(ValueError, match="dependent_launch=True needs a CUDA device of compute capability >= 9.0"):
+        RaggedDecodeWorkspace(2, 4, 64, device="cpu", dependent_launch=True)
+    if ON_GPU:
+        assert RaggedDecodeWorkspace(2, 4, 64, device=DEVICE).dependent_launch is ON_HOPPER
+
+
 def test_workspace_rejects_too_many_rows_or_splits() -> None:
     batch = make_ragged_batch([RowSpec([1, 1], 1)] * 3, num_kv_heads=2, group=1, head_size=64, dtype=torch.float16, device=DEVICE, seed=70)
     workspace = RaggedDecodeWorkspace(2, 2, 64, device=DEVICE)
@@ -183,10 +202,10 @@ def test_large_random_batch_cuda(dtype: torch.dtype, group: int, head_size: int)
     rows.append(RowSpec(kept_len=[5000] * num_kv_heads, dense_len=4000))
     batch = make_ragged_batch(rows, num_kv_heads=num_kv_heads, group=group, head_size=head_size, dtype=dtype, device=DEVICE, seed=81)
     for tile_tokens in (None, 128):  # the regime's tile (64 here) and the large-batch tile
-        for fused_merge in (False, True):  # the merge kernel, or the last split merging (racing splits)
+        for merge in MERGE_MODES:
             workspace = RaggedDecodeWorkspace(
                 len(rows), num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads,
-                max_partial_slots=len(rows) * 32, tile_tokens=tile_tokens, fused_merge=fused_merge,
+                max_partial_slots=len(rows) * 32, tile_tokens=tile_tokens, **MERGE_MODES[merge],
             )
             for num_splits in (None, 1, 7, 32):
                 assert_matches_reference(batch, run_triton(batch, workspace, num_splits))
@@ -194,15 +213,15 @@ def test_large_random_batch_cuda(dtype: torch.dtype, group: int, head_size: int)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("fused_merge", [False, True])
-def test_cuda_graph_replay_follows_new_lengths(fused_merge: bool) -> None:
+@pytest.mark.parametrize("merge", list(MERGE_MODES))
+def test_cuda_graph_replay_follows_new_lengths(merge: str) -> None:
     """Captured once, the launch stays correct when the metadata values (not shapes) change."""
     num_kv_heads, group, head_size = 4, 4, 128
     first = [RowSpec(kept_len=[500, 0, 37, 1200], dense_len=300), RowSpec(kept_len=[0] * 4, dense_len=900)]
     second = [RowSpec(kept_len=[3, 2000, 0, 64], dense_len=17), RowSpec(kept_len=[700, 1, 1, 90], dense_len=1)]
     batch = make_ragged_batch(first, num_kv_heads, group, head_size, dtype=torch.bfloat16, device=DEVICE, seed=90, spare_blocks=200)
     workspace = RaggedDecodeWorkspace(
-        2, num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads, fused_merge=fused_merge
+        2, num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads, **MERGE_MODES[merge]
     )
     out = torch.empty_like(batch.query)
     # Static metadata buffers, wide enough for both batches, as a model runner keeps them.

@@ -44,6 +44,16 @@ Kernel design
   the slowest split and reads the partials back through L2) and at most 2%
   faster elsewhere (benchmarks/results/decode_kernel_fused_quick.json), so it
   stays off by default.
+* On Hopper and newer (``dependent_launch``, on by default there) the merge
+  kernel is launched as a *programmatic dependent launch*: every split
+  program signals ``griddepcontrol.launch_dependents`` as it starts, so the
+  merge kernel's programs are scheduled while the last splits still run,
+  compute their split plan from the metadata, and block in
+  ``griddepcontrol.wait`` until the split kernel has finished and its
+  partials are visible.  The merge kernel's launch latency then overlaps the
+  split kernel instead of following it; the split kernel itself is launched
+  normally, so it still waits for everything before it (the query, the KV
+  write).
 * A (row, head) with no key at all (0 kept tokens and an empty dense region)
   gets a zero output, never NaN.
 
@@ -59,6 +69,14 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+try:  # Grid dependency control (programmatic dependent launch), Triton >= 3.2 on sm_90+.
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    _HAS_GDC = True
+except ImportError:  # pragma: no cover - older Triton: the merge kernel is launched normally
+    gdc_launch_dependents = gdc_wait = None
+    _HAS_GDC = False
 
 LOG2_E = 1.4426950408889634
 
@@ -171,7 +189,12 @@ def _ragged_decode_split_kernel(
     SPLIT_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:
+        # Lets the merge kernel (a dependent launch) be scheduled once every split program has
+        # started; it waits in griddepcontrol.wait for this grid to finish before reading partials.
+        gdc_launch_dependents()
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -383,6 +406,7 @@ def _merge_splits_kernel(
     MIN_TILES_PER_SPLIT: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
+    WAIT_FOR_SPLITS: tl.constexpr,
 ):
     row = tl.program_id(0)
     q_head = tl.program_id(1)
@@ -398,6 +422,10 @@ def _merge_splits_kernel(
         NUM_KV_HEADS, HEADS_POW2, TILE, MIN_TILES_PER_SPLIT,
     )
     first_slot = row.to(tl.int64) * grid_splits
+    if WAIT_FOR_SPLITS:
+        # A dependent launch may start before the split kernel ends: the metadata above was written
+        # before the split kernel started, the partials below only when it has finished.
+        gdc_wait()
 
     # Pass 1: the global max and the softmax denominator over all splits.
     split_offsets = tl.arange(0, BLOCK_SPLITS)
@@ -459,6 +487,7 @@ class RaggedDecodeWorkspace:
         num_kv_heads: int | None = None,
         max_partial_slots: int | None = None,
         fused_merge: bool = False,
+        dependent_launch: bool | None = None,
     ) -> None:
         if max_rows < 1 or num_q_heads < 1 or max_num_splits < 1:
             raise ValueError("max_rows, num_q_heads and max_num_splits must be >= 1")
@@ -496,6 +525,16 @@ class RaggedDecodeWorkspace:
         # of each resets its own); sized for kv heads = q heads when num_kv_heads is not given.
         self.fused_merge = fused_merge
         self.arrival_count = torch.zeros(max_rows * (num_kv_heads or num_q_heads), dtype=torch.int32, device=device)
+        # dependent_launch: the merge kernel as a programmatic dependent launch (module docstring).
+        # None = wherever it is supported (a CUDA device of compute capability >= 9.0 and a Triton
+        # with grid dependency control); True where it is not is an error, not a silent fallback.
+        supported = _HAS_GDC and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+        if dependent_launch and not supported:
+            raise ValueError(
+                "dependent_launch=True needs a CUDA device of compute capability >= 9.0 (Hopper) and a Triton "
+                f"with triton.language.extra.cuda.gdc_wait; this is {device} with Triton {triton.__version__}"
+            )
+        self.dependent_launch = supported if dependent_launch is None else dependent_launch
 
     def few_pairs(self, num_rows: int, num_kv_heads: int) -> bool:
         """Whether the batch has few (row, kv head) pairs: the GPU is filled by splitting them."""
@@ -637,6 +676,8 @@ def ragged_decode_attention(
             f"{num_rows} rows x {grid_splits} splits exceed the workspace's {workspace.max_partial_slots} partial slots"
         )
 
+    # The merge kernel, when there is one, follows the split kernel as a dependent launch.
+    dependent_merge = workspace.dependent_launch and not single_split and not workspace.fused_merge
     _ragged_decode_split_kernel[(num_rows, num_kv_heads, grid_splits)](
         query,
         kv_cache,
@@ -678,6 +719,7 @@ def ragged_decode_attention(
         SPLIT_CHUNK=min(8, triton.next_power_of_2(grid_splits)),
         DOT_PRECISION=dot_precision,
         DOT_IN_FP32=dot_in_fp32,
+        LAUNCH_DEPENDENTS=dependent_merge,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -703,6 +745,8 @@ def ragged_decode_attention(
             MIN_TILES_PER_SPLIT=workspace.min_tiles_per_split,
             BLOCK_SPLITS=triton.next_power_of_2(grid_splits),
             SPLIT_CHUNK=min(16, triton.next_power_of_2(grid_splits)),
+            WAIT_FOR_SPLITS=dependent_merge,
             num_warps=4,
+            **({"launch_pdl": True} if dependent_merge else {}),
         )
     return out

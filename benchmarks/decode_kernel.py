@@ -19,7 +19,9 @@ context) that fits in ``--max-cache-gb`` of KV cache it times:
 * with ``--variants``, the same two with other merge strategies, named by
   suffix, so that one run shows which to use where: ``_no_pdl`` (the merge
   kernel launched normally, not as a programmatic dependent launch: the
-  default before session 13, and what the default is on pre-Hopper GPUs) and
+  default before session 13, and what the default is on pre-Hopper GPUs),
+  ``_pdl_after_loop`` (the dependent launch triggered after each split's
+  loop instead of at its start) and
   ``_fused`` (the workspace's ``fused_merge``: the last split of a head
   merges, no second kernel).  Each variant point gets ``time_ratio_vs_default``
   (its time / the default kernel's at the same point).
@@ -70,7 +72,11 @@ L2_BYTES = 50 * 2**20
 MAX_COPIES = 16
 BLOCK_BYTES = NUM_KV_HEADS * BLOCK_SIZE * 2 * HEAD_SIZE * 2  # one block of all heads, bf16
 # --variants: other merge strategies timed beside the default workspace (RaggedDecodeWorkspace options).
-VARIANTS = {"no_pdl": dict(dependent_launch=False), "fused": dict(fused_merge=True)}
+VARIANTS = {
+    "no_pdl": dict(dependent_launch=False),
+    "pdl_after_loop": dict(dependent_launch_trigger="after_loop"),
+    "fused": dict(fused_merge=True),
+}
 
 FULL_BATCHES = [1, 4, 16, 32, 64, 128]
 FULL_CONTEXTS = [4096, 8192, 16384, 32768, 65536, 131072]

@@ -21,7 +21,10 @@ ON_GPU = torch.cuda.is_available()
 ON_HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] >= 9
 MERGE_MODES = {
     "merge_kernel": dict(dependent_launch=False),
-    **({"dependent_launch": dict(dependent_launch=True)} if ON_HOPPER else {}),
+    **({
+        "dependent_launch": dict(dependent_launch=True),
+        "dependent_launch_after_loop": dict(dependent_launch=True, dependent_launch_trigger="after_loop"),
+    } if ON_HOPPER else {}),
     "fused": dict(fused_merge=True),
 }
 
@@ -150,6 +153,8 @@ def test_dependent_launch_only_where_supported() -> None:
     assert RaggedDecodeWorkspace(2, 4, 64, device="cpu").dependent_launch is False
     with pytest.raises(ValueError, match="dependent_launch=True needs a CUDA device of compute capability >= 9.0"):
         RaggedDecodeWorkspace(2, 4, 64, device="cpu", dependent_launch=True)
+    with pytest.raises(ValueError, match=r"dependent_launch_trigger must be one of \['start', 'after_loop'\]"):
+        RaggedDecodeWorkspace(2, 4, 64, device="cpu", dependent_launch_trigger="end")
     if ON_GPU:
         assert RaggedDecodeWorkspace(2, 4, 64, device=DEVICE).dependent_launch is ON_HOPPER
 

@@ -103,6 +103,8 @@ PROGRAMS_PER_SM_FEW_PAIRS, PROGRAMS_PER_SM_MANY_PAIRS = 2, 3
 # and per-program set-up than they gain in parallelism.
 DEFAULT_MIN_TILES_PER_SPLIT = 4
 DEFAULT_MAX_NUM_SPLITS = 128
+# dependent_launch_trigger -> the split kernel's LAUNCH_DEPENDENTS (0: no dependent launch).
+DEPENDENT_LAUNCH_TRIGGERS = {"start": 1, "after_loop": 2}
 
 
 @triton.jit
@@ -191,7 +193,7 @@ def _ragged_decode_split_kernel(
     DOT_IN_FP32: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr,
 ):
-    if LAUNCH_DEPENDENTS:
+    if LAUNCH_DEPENDENTS == 1:
         # Lets the merge kernel (a dependent launch) be scheduled once every split program has
         # started; it waits in griddepcontrol.wait for this grid to finish before reading partials.
         gdc_launch_dependents()
@@ -285,6 +287,9 @@ def _ragged_decode_split_kernel(
             )
             running_max = new_max
 
+        if LAUNCH_DEPENDENTS == 2:
+            # Trigger after the loop: the merge kernel's programs take no SM slot while splits load.
+            gdc_launch_dependents()
         if SINGLE_SPLIT:
             # An empty head has running_sum 0 and acc 0: output 0, not NaN.
             denom = tl.where(running_sum > 0, running_sum, 1.0)
@@ -488,6 +493,7 @@ class RaggedDecodeWorkspace:
         max_partial_slots: int | None = None,
         fused_merge: bool = False,
         dependent_launch: bool | None = None,
+        dependent_launch_trigger: str = "start",
     ) -> None:
         if max_rows < 1 or num_q_heads < 1 or max_num_splits < 1:
             raise ValueError("max_rows, num_q_heads and max_num_splits must be >= 1")
@@ -535,6 +541,13 @@ class RaggedDecodeWorkspace:
                 f"with triton.language.extra.cuda.gdc_wait; this is {device} with Triton {triton.__version__}"
             )
         self.dependent_launch = supported if dependent_launch is None else dependent_launch
+        # Where the split programs let the merge kernel be scheduled: as they start, or once their
+        # loop is done (the merge programs then never hold an SM slot a split could use).
+        if dependent_launch_trigger not in DEPENDENT_LAUNCH_TRIGGERS:
+            raise ValueError(
+                f"dependent_launch_trigger must be one of {list(DEPENDENT_LAUNCH_TRIGGERS)}, got {dependent_launch_trigger!r}"
+            )
+        self.dependent_launch_trigger = dependent_launch_trigger
 
     def few_pairs(self, num_rows: int, num_kv_heads: int) -> bool:
         """Whether the batch has few (row, kv head) pairs: the GPU is filled by splitting them."""
@@ -719,7 +732,7 @@ def ragged_decode_attention(
         SPLIT_CHUNK=min(8, triton.next_power_of_2(grid_splits)),
         DOT_PRECISION=dot_precision,
         DOT_IN_FP32=dot_in_fp32,
-        LAUNCH_DEPENDENTS=dependent_merge,
+        LAUNCH_DEPENDENTS=DEPENDENT_LAUNCH_TRIGGERS[workspace.dependent_launch_trigger] if dependent_merge else 0,
         num_warps=num_warps,
         num_stages=num_stages,
     )

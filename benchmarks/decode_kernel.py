@@ -21,7 +21,8 @@ context) that fits in ``--max-cache-gb`` of KV cache it times:
   kernel launched normally, not as a programmatic dependent launch: the
   default before session 13, and what the default is on pre-Hopper GPUs),
   ``_pdl_after_loop`` (the dependent launch triggered after each split's
-  loop instead of at its start) and
+  loop instead of at its start), ``_min_tiles_2`` / ``_min_tiles_1`` /
+  ``_tile_32`` (shorter splits: more programs per head) and
   ``_fused`` (the workspace's ``fused_merge``: the last split of a head
   merges, no second kernel).  Each variant point gets ``time_ratio_vs_default``
   (its time / the default kernel's at the same point).
@@ -76,6 +77,10 @@ VARIANTS = {
     "no_pdl": dict(dependent_launch=False),
     "pdl_after_loop": dict(dependent_launch_trigger="after_loop"),
     "fused": dict(fused_merge=True),
+    # Shorter splits (more programs) for few (row, head) pairs, where latency, not bandwidth, rules.
+    "min_tiles_2": dict(min_tiles_per_split=2),
+    "min_tiles_1": dict(min_tiles_per_split=1),
+    "tile_32": dict(tile_tokens=32),
 }
 
 FULL_BATCHES = [1, 4, 16, 32, 64, 128]

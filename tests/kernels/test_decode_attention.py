@@ -189,13 +189,10 @@ def test_split_grid_shrinks_with_batch() -> None:
     assert workspace.split_grid(128, 8) == (1, 1)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="large shapes need a CUDA device (too slow for the Triton interpreter)")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("head_size", [64, 128])
-def test_large_random_batch_cuda(dtype: torch.dtype, group: int, head_size: int) -> None:
-    generator = torch.Generator().manual_seed(80 + group)
-    num_kv_heads = 8
+def large_random_rows(num_kv_heads: int, seed: int) -> list[RowSpec]:
+    """12 rows of 0..3000 kept tokens per head (one head of each compressed row keeps none, every
+    third row is uncompressed) and one row of long heads: many splits, several regimes."""
+    generator = torch.Generator().manual_seed(seed)
     rows = []
     for row in range(12):
         if row % 3 == 0:
@@ -205,16 +202,43 @@ def test_large_random_batch_cuda(dtype: torch.dtype, group: int, head_size: int)
             kept[row % num_kv_heads] = 0
         rows.append(RowSpec(kept_len=kept, dense_len=int(torch.randint(1, 400, (1,), generator=generator))))
     rows.append(RowSpec(kept_len=[5000] * num_kv_heads, dense_len=4000))
+    return rows
+
+
+@pytest.mark.skipif(not ON_GPU, reason="large shapes need a CUDA device (too slow for the Triton interpreter)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_large_random_batch_cuda(dtype: torch.dtype, group: int, head_size: int) -> None:
+    """The default workspace (the default merge mode of this GPU) on every dtype / group / head size."""
+    num_kv_heads = 8
+    rows = large_random_rows(num_kv_heads, seed=80 + group)
     batch = make_ragged_batch(rows, num_kv_heads=num_kv_heads, group=group, head_size=head_size, dtype=dtype, device=DEVICE, seed=81)
     for tile_tokens in (None, 128):  # the regime's tile (64 here) and the large-batch tile
-        for merge in MERGE_MODES:
-            workspace = RaggedDecodeWorkspace(
-                len(rows), num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads,
-                max_partial_slots=len(rows) * 32, tile_tokens=tile_tokens, **MERGE_MODES[merge],
-            )
-            for num_splits in (None, 1, 7, 32):
-                assert_matches_reference(batch, run_triton(batch, workspace, num_splits))
-            assert int(workspace.arrival_count.abs().sum()) == 0
+        workspace = RaggedDecodeWorkspace(
+            len(rows), num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads,
+            max_partial_slots=len(rows) * 32, tile_tokens=tile_tokens,
+        )
+        for num_splits in (None, 1, 7, 32):
+            assert_matches_reference(batch, run_triton(batch, workspace, num_splits))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="large shapes need a CUDA device (too slow for the Triton interpreter)")
+@pytest.mark.parametrize("merge", list(MERGE_MODES))
+def test_every_merge_mode_large_batch_cuda(merge: str) -> None:
+    """Each way of merging the splits (racing splits included) on the large batch, bf16, GQA 4."""
+    num_kv_heads, group, head_size = 8, 4, 128
+    rows = large_random_rows(num_kv_heads, seed=84)
+    batch = make_ragged_batch(rows, num_kv_heads=num_kv_heads, group=group, head_size=head_size,
+                              dtype=torch.bfloat16, device=DEVICE, seed=85)
+    workspace = RaggedDecodeWorkspace(
+        len(rows), num_kv_heads * group, head_size, device=DEVICE, num_kv_heads=num_kv_heads,
+        max_partial_slots=len(rows) * 32, **MERGE_MODES[merge],
+    )
+    for _ in range(2):  # fused_merge: the second launch relies on the first one's reset counters
+        for num_splits in (None, 7, 32):
+            assert_matches_reference(batch, run_triton(batch, workspace, num_splits))
+    assert int(workspace.arrival_count.abs().sum()) == 0
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a CUDA device")

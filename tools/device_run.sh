@@ -41,7 +41,8 @@ case "$1" in
     tail -8 "$OUT/kernel_tests.txt";;
   decode)  # issue 4: the decode kernel's tests on CUDA (every merge mode, CUDA graphs included), then
     # the quick sweep with the DECODE_VARIANTS merge strategies beside the default (which wins where).
-    timeout "${DECODE_TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py > "$OUT/decode_tests.txt" 2>&1
+    timeout "${DECODE_TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py \
+        ${DECODE_TEST_K:+-k "$DECODE_TEST_K"} > "$OUT/decode_tests.txt" 2>&1
     tail -4 "$OUT/decode_tests.txt"
     timeout "${DECODE_TIMEOUT:-300}" python3 benchmarks/decode_kernel.py ${DECODE_SWEEP---quick} \
         --variants "${DECODE_VARIANTS-no_pdl}" --tag "${DECODE_TAG:-merge_quick}" --out-dir "$OUT" > "$OUT/decode_kernel.txt" 2>&1

@@ -354,6 +354,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
         dtype=str(dtype).replace("torch.", ""), dense_tail=DENSE_TAIL, head_variation=HEAD_VARIATION,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (torch reference)",
         peak_bandwidth=PEAK_BANDWIDTH,
+        command="python benchmarks/decode_kernel.py" + "".join(" " + arg for arg in sys.argv[1:]),
     )
 
     for batch, context in fitting:

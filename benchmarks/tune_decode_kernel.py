@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--warps", default="0", help="0 = the kernel's own regime rule")
     parser.add_argument("--stages", default="0", help="0 = the kernel's own regime rule")
     parser.add_argument("--programs-per-sm", default="0", help="0 = the kernel's own regime rule")
-    parser.add_argument("--min-tiles", default="4")
+    parser.add_argument("--min-tiles", default="0", help="0 = the kernel's own regime rule")
     parser.add_argument("--inner", type=int, default=10, help="kernel calls per CUDA graph")
     parser.add_argument("--repeats", type=int, default=5, help="graph replays per point (median)")
     parser.add_argument("--passes", type=int, default=1, help="measure every config this many times (noise check)")
@@ -89,7 +89,7 @@ def main() -> None:
             out = torch.empty_like(query)
             workspace = RaggedDecodeWorkspace(
                 batch, NUM_Q_HEADS, HEAD_SIZE, device=device, tile_tokens=tile or None,
-                min_tiles_per_split=min_tiles, target_programs_per_sm=programs or None, num_kv_heads=NUM_KV_HEADS,
+                min_tiles_per_split=min_tiles or None, target_programs_per_sm=programs or None, num_kv_heads=NUM_KV_HEADS,
             )
 
             def call() -> None:

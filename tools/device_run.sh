@@ -8,9 +8,15 @@
 #   two-half compression on CUDA: planning never synchronises), then MAIN_METHODS="FLASH_ATTN kvzap-mlp"
 #   MAIN_WORKLOADS=8k main (prefill cost), MAIN_TAG=triton32k ... 32k main, KVzip 32k.
 #   Session 12: e2e (tests/test_compressor.py), kvzip (32k), prefill, main 8k for llama-3.1-8b and
-#   qwen3-8b, gguf_a + model + e2e (tests/test_e2e_kvzap_compiled.py). Not yet run: `prefill` with the
-#   CUDA-graph timings (e3d3d71), e2e with tests/test_e2e_threshold.py (the Triton score recording
-#   read back by decode-time foldings).
+#   qwen3-8b, gguf_a + model + e2e (tests/test_e2e_kvzap_compiled.py).
+#   Session 13: decode (PDL vs no PDL), prefill (graph timings; the dense layer's graph time was NaN,
+#   fixed in 58f8a7a), gguf_a + model + E2E_TESTS=tests/test_e2e_threshold.py e2e (6 passed), then on
+#   a second machine decode with DECODE_TEST_K="merge_mode or graph_replay or dependent"
+#   DECODE_SWEEP="--quick --batches 1,4" DECODE_VARIANTS=no_pdl,pdl_after_loop,min_tiles_2,tile_32
+#   DECODE_TAG=merge_b1_4 (9 passed).  Not yet run: `prefill` at 58f8a7a or later (the script's own
+#   shares), the whole test_decode_attention.py on CUDA with the 2-tile few-pairs default (needs
+#   DECODE_TEST_TIMEOUT of ~400 s), test_e2e_kvzap_compiled.py with the dependent-launch merge inside
+#   the captured decode graphs, and the full decode sweep (decode_kernel.json) with the new defaults.
 # Results go under $OUT (the device tool brings them back).
 set -uo pipefail
 source /tmp/site/env.sh || exit 3

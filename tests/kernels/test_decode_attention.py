@@ -187,6 +187,11 @@ def test_split_grid_shrinks_with_batch() -> None:
     assert workspace.split_grid(16, 8) == (4, 8) and workspace.launch_config(16, 8) == (64, 4, 2)
     assert workspace.split_grid(64, 8) == (2, 4) and workspace.launch_config(64, 8) == (128, 8, 2)
     assert workspace.split_grid(128, 8) == (1, 1)
+    # Shorter splits only where few pairs leave the GPU latency-bound (batch <= 8 here).
+    assert [workspace.min_tiles(rows, 8) for rows in (1, 8, 9, 16, 64)] == [2, 2, 4, 4, 4]
+    assert RaggedDecodeWorkspace(4, 32, 128, device=DEVICE, min_tiles_per_split=3).min_tiles(1, 8) == 3
+    with pytest.raises(ValueError, match="min_tiles_per_split must be >= 1"):
+        RaggedDecodeWorkspace(4, 32, 128, device=DEVICE, min_tiles_per_split=0)
 
 
 def large_random_rows(num_kv_heads: int, seed: int) -> list[RowSpec]:

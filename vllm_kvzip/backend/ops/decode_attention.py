@@ -53,7 +53,15 @@ Kernel design
   partials are visible.  The merge kernel's launch latency then overlaps the
   split kernel instead of following it; the split kernel itself is launched
   normally, so it still waits for everything before it (the query, the KV
-  write).
+  write).  Measured on an H100 (session 13, two runs,
+  benchmarks/results/decode_kernel_merge_{quick,b1_4}.json) the gain is
+  small and mixed: about 5% less time at batch 1 on compressed heads (e.g.
+  12.4 against 13.1-13.3 us at 4k, keep 0.1), 8% more at batch 1 / 4k keep
+  1.0 (20.0 against 18.4-18.6 us), within 1-4% elsewhere; triggered after
+  each split's loop (``dependent_launch_trigger="after_loop"``) it times
+  like no dependent launch.  It stays on because the shipped few-pairs
+  configuration (2 tiles per split, see MIN_TILES_PER_SPLIT_FEW_PAIRS) was
+  measured with it.
 * A (row, head) with no key at all (0 kept tokens and an empty dense region)
   gets a zero output, never NaN.
 
@@ -100,8 +108,13 @@ LOG2_E = 1.4426950408889634
 TILE_TOKENS_SMALL, TILE_TOKENS_LARGE = 64, 128
 PROGRAMS_PER_SM_FEW_PAIRS, PROGRAMS_PER_SM_MANY_PAIRS = 2, 3
 # A split handles at least 4 tiles: shorter splits cost more in merge traffic
-# and per-program set-up than they gain in parallelism.
-DEFAULT_MIN_TILES_PER_SPLIT = 4
+# and per-program set-up than they gain in parallelism -- except with few
+# pairs, where the whole call takes 10-60 us and latency, not bandwidth,
+# rules: there 2 tiles per split (twice the programs on short heads) took
+# 0.75-0.90x the time at batch 1 / 4k (e.g. 12.4 -> 9.3 us at keep 0.1, 17.6
+# -> 15.9 us uncompressed, FA3 15.7) and 0.99-1.01x at every batch 1 and 4
+# point from 32k up (session 13, decode_kernel_merge_b1_4.json).
+MIN_TILES_PER_SPLIT_FEW_PAIRS, MIN_TILES_PER_SPLIT_MORE_PAIRS = 2, 4
 DEFAULT_MAX_NUM_SPLITS = 128
 # dependent_launch_trigger -> the split kernel's LAUNCH_DEPENDENTS (0: no dependent launch).
 DEPENDENT_LAUNCH_TRIGGERS = {"start": 1, "after_loop": 2}
@@ -487,7 +500,7 @@ class RaggedDecodeWorkspace:
         max_num_splits: int = DEFAULT_MAX_NUM_SPLITS,
         device: torch.device | str | None = None,
         tile_tokens: int | None = None,
-        min_tiles_per_split: int = DEFAULT_MIN_TILES_PER_SPLIT,
+        min_tiles_per_split: int | None = None,
         target_programs_per_sm: int | None = None,
         num_kv_heads: int | None = None,
         max_partial_slots: int | None = None,
@@ -509,7 +522,9 @@ class RaggedDecodeWorkspace:
         self.head_size = head_size
         self.max_num_splits = max_num_splits
         self.tile_tokens = tile_tokens
-        self.min_tiles_per_split = min_tiles_per_split
+        if min_tiles_per_split is not None and min_tiles_per_split < 1:
+            raise ValueError(f"min_tiles_per_split must be >= 1 (or None: by regime), got {min_tiles_per_split}")
+        self.min_tiles_per_split = min_tiles_per_split  # None: the regime's (min_tiles)
         self.target_programs_per_sm = target_programs_per_sm
         self.num_kv_heads = num_kv_heads
         self.device = device
@@ -552,6 +567,14 @@ class RaggedDecodeWorkspace:
     def few_pairs(self, num_rows: int, num_kv_heads: int) -> bool:
         """Whether the batch has few (row, kv head) pairs: the GPU is filled by splitting them."""
         return 2 * num_rows * num_kv_heads < self.num_sms
+
+    def min_tiles(self, num_rows: int, num_kv_heads: int) -> int:
+        """Tiles a used split handles at least, for a batch shape (tuning notes above)."""
+        if self.min_tiles_per_split is not None:
+            return self.min_tiles_per_split
+        if self.few_pairs(num_rows, num_kv_heads):
+            return MIN_TILES_PER_SPLIT_FEW_PAIRS
+        return MIN_TILES_PER_SPLIT_MORE_PAIRS
 
     def launch_config(self, num_rows: int, num_kv_heads: int) -> tuple[int, int, int]:
         """(tile_tokens, num_warps, num_stages) of the split kernel for a batch shape (tuning notes above)."""
@@ -672,6 +695,7 @@ def ragged_decode_attention(
         nominal_splits, grid_splits = max(1, num_splits // 2), num_splits
     single_split = grid_splits == 1
     tile, default_warps, default_stages = workspace.launch_config(num_rows, num_kv_heads)
+    min_tiles = workspace.min_tiles(num_rows, num_kv_heads)  # both kernels must derive the same split plan
     num_warps = num_warps or default_warps
     num_stages = num_stages or default_stages
     # fp32 caches (tests, CPU-like numerics) get exact fp32 dots instead of TF32.
@@ -724,7 +748,7 @@ def ragged_decode_attention(
         HEAD_SIZE=head_size,
         BLOCK_SIZE=block_size,
         TILE=tile,
-        MIN_TILES_PER_SPLIT=workspace.min_tiles_per_split,
+        MIN_TILES_PER_SPLIT=min_tiles,
         SINGLE_SPLIT=single_split,
         FUSED_MERGE=workspace.fused_merge,
         MERGE_GROUP=triton.next_power_of_2(group),
@@ -755,7 +779,7 @@ def ragged_decode_attention(
             GROUP=group,
             HEAD_SIZE=head_size,
             TILE=tile,
-            MIN_TILES_PER_SPLIT=workspace.min_tiles_per_split,
+            MIN_TILES_PER_SPLIT=min_tiles,
             BLOCK_SPLITS=triton.next_power_of_2(grid_splits),
             SPLIT_CHUNK=min(16, triton.next_power_of_2(grid_splits)),
             WAIT_FOR_SPLITS=dependent_merge,

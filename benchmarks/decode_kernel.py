@@ -22,7 +22,9 @@ context) that fits in ``--max-cache-gb`` of KV cache it times:
   default before session 13, and what the default is on pre-Hopper GPUs),
   ``_pdl_after_loop`` (the dependent launch triggered after each split's
   loop instead of at its start), ``_min_tiles_2`` / ``_min_tiles_1`` /
-  ``_tile_32`` (shorter splits: more programs per head) and
+  ``_tile_32`` (shorter splits: more programs per head), ``_nearest_split``
+  (tiles per split rounded to the nearest, not up; ``_nearest_split_no_pdl``
+  without the dependent launch) and
   ``_fused`` (the workspace's ``fused_merge``: the last split of a head
   merges, no second kernel).  Each variant point gets ``time_ratio_vs_default``
   (its time / the default kernel's at the same point).
@@ -81,6 +83,9 @@ VARIANTS = {
     "min_tiles_2": dict(min_tiles_per_split=2),
     "min_tiles_1": dict(min_tiles_per_split=1),
     "tile_32": dict(tile_tokens=32),
+    # Tiles per split rounded to the nearest, not up (no 2.02 -> 3 cliff on short rows).
+    "nearest_split": dict(split_rounding="nearest"),
+    "nearest_split_no_pdl": dict(split_rounding="nearest", dependent_launch=False),
 }
 
 FULL_BATCHES = [1, 4, 16, 32, 64, 128]

@@ -26,6 +26,7 @@ MERGE_MODES = {
         "dependent_launch_after_loop": dict(dependent_launch=True, dependent_launch_trigger="after_loop"),
     } if ON_HOPPER else {}),
     "fused": dict(fused_merge=True),
+    "nearest_split": dict(split_rounding="nearest"),  # not a merge mode: the split plan both kernels share
 }
 
 # One batch mixing every edge case of the brief.
@@ -47,13 +48,14 @@ def run_triton(batch, workspace: RaggedDecodeWorkspace, num_splits: int | None, 
 
 
 def small_workspace(
-    batch, max_num_splits: int = 8, tile_tokens: int = 16, min_tiles_per_split: int = 1, fused_merge: bool = False
+    batch, max_num_splits: int = 8, tile_tokens: int = 16, min_tiles_per_split: int = 1, fused_merge: bool = False,
+    split_rounding: str = "up",
 ) -> RaggedDecodeWorkspace:
     num_rows, num_q_heads, head_size = batch.query.shape
     return RaggedDecodeWorkspace(
         num_rows, num_q_heads, head_size, max_num_splits=max_num_splits, device=DEVICE,
         tile_tokens=tile_tokens, min_tiles_per_split=min_tiles_per_split,
-        max_partial_slots=num_rows * max_num_splits, fused_merge=fused_merge,
+        max_partial_slots=num_rows * max_num_splits, fused_merge=fused_merge, split_rounding=split_rounding,
     )
 
 
@@ -85,6 +87,21 @@ def test_fused_merge_last_split_merges(group: int, num_splits: int) -> None:
         assert_matches_reference(batch, out)
         assert torch.all(out[4] == 0) and torch.all(out[5, :group] == 0)
         assert int(workspace.arrival_count.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("num_splits", [3, 8])
+@pytest.mark.parametrize("min_tiles_per_split", [1, 2])
+def test_split_rounding_to_nearest(num_splits: int, min_tiles_per_split: int) -> None:
+    """split_rounding="nearest": shorter splits where rounding up would lengthen them, on every
+    edge case of the mixed batch plus empty heads and rows; both kernels follow the same plan."""
+    rows = MIXED_ROWS_4_HEADS + [RowSpec(kept_len=[0, 0, 0, 0], dense_len=0), RowSpec(kept_len=[0, 7, 0, 0], dense_len=0)]
+    batch = make_ragged_batch(rows, num_kv_heads=4, group=2, head_size=64, dtype=torch.float16, device=DEVICE, seed=17)
+    workspace = small_workspace(batch, min_tiles_per_split=min_tiles_per_split, split_rounding="nearest")
+    out = run_triton(batch, workspace, num_splits)
+    assert_matches_reference(batch, out)
+    assert torch.all(out[4] == 0) and torch.all(out[5, :2] == 0)
+    with pytest.raises(ValueError, match=r"split_rounding must be one of \['up', 'nearest'\]"):
+        small_workspace(batch, split_rounding="down")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

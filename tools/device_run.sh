@@ -17,6 +17,8 @@
 #   shares), the whole test_decode_attention.py on CUDA with the 2-tile few-pairs default (needs
 #   DECODE_TEST_TIMEOUT of ~400 s), test_e2e_kvzap_compiled.py with the dependent-launch merge inside
 #   the captured decode graphs, and the full decode sweep (decode_kernel.json) with the new defaults.
+#   Next for issue 4 (batch 1 / 4k at keep 1.0): DECODE_SWEEP="--quick --batches 1,4"
+#   DECODE_VARIANTS=no_pdl,nearest_split,nearest_split_no_pdl DECODE_TAG=rounding_b1_4 decode.
 # Results go under $OUT (the device tool brings them back).
 set -uo pipefail
 source /tmp/site/env.sh || exit 3

@@ -63,7 +63,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from result_files import command_line  # noqa: E402
 from vllm_kvzip.backend.ops import ragged_decode_attention  # noqa: E402
 
 PEAK_BANDWIDTH = 3.0e12  # bytes/s, H100 SXM HBM3 (the brief's reference figure)
@@ -359,7 +361,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
         dtype=str(dtype).replace("torch.", ""), dense_tail=DENSE_TAIL, head_variation=HEAD_VARIATION,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (torch reference)",
         peak_bandwidth=PEAK_BANDWIDTH,
-        command="python benchmarks/decode_kernel.py" + "".join(" " + arg for arg in sys.argv[1:]),
+        command=command_line(),
     )
 
     for batch, context in fitting:

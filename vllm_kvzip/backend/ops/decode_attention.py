@@ -118,6 +118,8 @@ MIN_TILES_PER_SPLIT_FEW_PAIRS, MIN_TILES_PER_SPLIT_MORE_PAIRS = 2, 4
 DEFAULT_MAX_NUM_SPLITS = 128
 # dependent_launch_trigger -> the split kernel's LAUNCH_DEPENDENTS (0: no dependent launch).
 DEPENDENT_LAUNCH_TRIGGERS = {"start": 1, "after_loop": 2}
+# split_rounding: how a row's tiles per split are rounded (_split_plan's ROUND_NEAREST).
+SPLIT_ROUNDINGS = ("up", "nearest")
 
 
 @triton.jit
@@ -576,8 +578,8 @@ class RaggedDecodeWorkspace:
         self.dependent_launch_trigger = dependent_launch_trigger
         # How the row's tiles per split are rounded: "up" (never more programs than the nominal
         # count) or "nearest" (no 2.02 -> 3 cliff on short rows); see _split_plan.
-        if split_rounding not in ("up", "nearest"):
-            raise ValueError(f"split_rounding must be one of ['up', 'nearest'], got {split_rounding!r}")
+        if split_rounding not in SPLIT_ROUNDINGS:
+            raise ValueError(f"split_rounding must be one of {list(SPLIT_ROUNDINGS)}, got {split_rounding!r}")
         self.split_rounding = split_rounding
 
     def few_pairs(self, num_rows: int, num_kv_heads: int) -> bool:
@@ -711,7 +713,9 @@ def ragged_decode_attention(
         nominal_splits, grid_splits = max(1, num_splits // 2), num_splits
     single_split = grid_splits == 1
     tile, default_warps, default_stages = workspace.launch_config(num_rows, num_kv_heads)
-    min_tiles = workspace.min_tiles(num_rows, num_kv_heads)  # both kernels must derive the same split plan
+    # Both kernels must derive the same split plan from these two.
+    min_tiles = workspace.min_tiles(num_rows, num_kv_heads)
+    round_nearest = workspace.split_rounding == "nearest"
     num_warps = num_warps or default_warps
     num_stages = num_stages or default_stages
     # fp32 caches (tests, CPU-like numerics) get exact fp32 dots instead of TF32.
@@ -765,7 +769,7 @@ def ragged_decode_attention(
         BLOCK_SIZE=block_size,
         TILE=tile,
         MIN_TILES_PER_SPLIT=min_tiles,
-        ROUND_NEAREST=workspace.split_rounding == "nearest",
+        ROUND_NEAREST=round_nearest,
         SINGLE_SPLIT=single_split,
         FUSED_MERGE=workspace.fused_merge,
         MERGE_GROUP=triton.next_power_of_2(group),
@@ -797,7 +801,7 @@ def ragged_decode_attention(
             HEAD_SIZE=head_size,
             TILE=tile,
             MIN_TILES_PER_SPLIT=min_tiles,
-        ROUND_NEAREST=workspace.split_rounding == "nearest",
+            ROUND_NEAREST=round_nearest,
             BLOCK_SPLITS=triton.next_power_of_2(grid_splits),
             SPLIT_CHUNK=min(16, triton.next_power_of_2(grid_splits)),
             WAIT_FOR_SPLITS=dependent_merge,

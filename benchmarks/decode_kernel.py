@@ -17,15 +17,13 @@ context) that fits in ``--max-cache-gb`` of KV cache it times:
   (+-40% variation between heads, same total) in ragged pages, plus a
   128-token dense tail, for each keep ratio;
 * with ``--variants``, the same two with other merge strategies, named by
-  suffix, so that one run shows which to use where: ``_no_pdl`` (the merge
-  kernel launched normally, not as a programmatic dependent launch: the
-  default before session 13, and what the default is on pre-Hopper GPUs),
-  ``_pdl_after_loop`` (the dependent launch triggered after each split's
-  loop instead of at its start), ``_min_tiles_2`` / ``_min_tiles_1`` /
-  ``_tile_32`` (shorter splits: more programs per head), ``_nearest_split``
-  (tiles per split rounded to the nearest, not up; ``_nearest_split_no_pdl``
-  without the dependent launch) and
-  ``_fused`` (the workspace's ``fused_merge``: the last split of a head
+  suffix, so that one run shows which to use where: ``_pdl`` (the merge
+  kernel as a programmatic dependent launch, Hopper and newer only: the
+  default in session 13, off since session 14), ``_pdl_after_loop`` (the
+  same, triggered after each split's loop instead of at its start),
+  ``_min_tiles_2`` / ``_min_tiles_1`` / ``_tile_32`` (shorter splits: more
+  programs per head), ``_nearest_split`` (tiles per split rounded to the
+  nearest, not up) and ``_fused`` (the workspace's ``fused_merge``: the last split of a head
   merges, no second kernel).  Each variant point gets ``time_ratio_vs_default``
   (its time / the default kernel's at the same point).
 
@@ -39,9 +37,9 @@ faster).  Results: ``benchmarks/results/decode_kernel.json`` and ``.png``.
 
 Run on an H100 with vLLM 0.26.0 (CUDA) installed, from the repository root::
 
-    PYTHONPATH=. python benchmarks/decode_kernel.py            # full sweep, ~6 min
+    PYTHONPATH=. python benchmarks/decode_kernel.py            # full sweep, ~1.5 min
     PYTHONPATH=. python benchmarks/decode_kernel.py --quick    # subset, < 2 min
-    PYTHONPATH=. python benchmarks/decode_kernel.py --quick --variants no_pdl,fused --tag merge_quick
+    PYTHONPATH=. python benchmarks/decode_kernel.py --quick --variants pdl,fused --tag merge_quick
 
 ``--smoke`` runs tiny shapes on the CPU through the torch reference (no vLLM
 kernels), to exercise the script without a GPU.
@@ -78,8 +76,9 @@ MAX_COPIES = 16
 BLOCK_BYTES = NUM_KV_HEADS * BLOCK_SIZE * 2 * HEAD_SIZE * 2  # one block of all heads, bf16
 # --variants: other merge strategies timed beside the default workspace (RaggedDecodeWorkspace options).
 VARIANTS = {
-    "no_pdl": dict(dependent_launch=False),
-    "pdl_after_loop": dict(dependent_launch_trigger="after_loop"),
+    # The merge kernel as a programmatic dependent launch (Hopper and newer; a ValueError elsewhere).
+    "pdl": dict(dependent_launch=True),
+    "pdl_after_loop": dict(dependent_launch=True, dependent_launch_trigger="after_loop"),
     "fused": dict(fused_merge=True),
     # Shorter splits (more programs) for few (row, head) pairs, where latency, not bandwidth, rules.
     "min_tiles_2": dict(min_tiles_per_split=2),
@@ -87,7 +86,6 @@ VARIANTS = {
     "tile_32": dict(tile_tokens=32),
     # Tiles per split rounded to the nearest, not up (no 2.02 -> 3 cliff on short rows).
     "nearest_split": dict(split_rounding="nearest"),
-    "nearest_split_no_pdl": dict(split_rounding="nearest", dependent_launch=False),
 }
 
 FULL_BATCHES = [1, 4, 16, 32, 64, 128]

@@ -147,6 +147,10 @@ def test_decode_kernel_variants_are_workspace_options_and_compared_point_by_poin
     from vllm_kvzip.backend.ops import RaggedDecodeWorkspace
 
     for name, options in decode_kernel.VARIANTS.items():  # a typo in an option fails here, not on the GPU
+        if options.get("dependent_launch"):  # Hopper only: on the CPU, the error naming the option
+            with pytest.raises(ValueError, match="dependent_launch=True needs a CUDA device"):
+                RaggedDecodeWorkspace(4, 32, 128, device="cpu", num_kv_heads=8, **options)
+            options = {key: value for key, value in options.items() if key != "dependent_launch"}
         RaggedDecodeWorkspace(4, 32, 128, device="cpu", num_kv_heads=8, **options)
 
     def point(backend, keep, time_us, batch=1):
@@ -155,19 +159,19 @@ def test_decode_kernel_variants_are_workspace_options_and_compared_point_by_poin
 
     results = [
         point("fa3", 1.0, 10.0),
-        point("ragged_uncompressed", 1.0, 12.0), point("ragged_uncompressed_no_pdl", 1.0, 15.0),
-        point("ragged", 1.0, 11.0), point("ragged_no_pdl", 1.0, 9.9),
+        point("ragged_uncompressed", 1.0, 12.0), point("ragged_uncompressed_pdl", 1.0, 15.0),
+        point("ragged", 1.0, 11.0), point("ragged_pdl", 1.0, 9.9),
         point("ragged", 0.5, 8.0), point("ragged_min_tiles_2", 0.5, 6.0),
-        point("ragged_no_pdl", 0.3, 5.0),  # no default point to compare with: left without a ratio
+        point("ragged_pdl", 0.3, 5.0),  # no default point to compare with: left without a ratio
     ]
-    decode_kernel.summarize(results, ["no_pdl", "min_tiles_2"])
+    decode_kernel.summarize(results, ["pdl", "min_tiles_2"])
     ratios = {(p["backend"], p["keep_ratio"]): p.get("time_ratio_vs_default") for p in results}
-    assert ratios[("ragged_uncompressed_no_pdl", 1.0)] == 1.25
-    assert ratios[("ragged_no_pdl", 1.0)] == 0.9
+    assert ratios[("ragged_uncompressed_pdl", 1.0)] == 1.25
+    assert ratios[("ragged_pdl", 1.0)] == 0.9
     assert ratios[("ragged_min_tiles_2", 0.5)] == 0.75
-    assert ratios[("ragged_no_pdl", 0.3)] is None and ratios[("ragged", 1.0)] is None
+    assert ratios[("ragged_pdl", 0.3)] is None and ratios[("ragged", 1.0)] is None
     printed = capsys.readouterr().out
-    assert "no_pdl / default time: min 0.900, median 1.075, max 1.250 over 2 points" in printed
+    assert "pdl / default time: min 0.900, median 1.075, max 1.250 over 2 points" in printed
     # Against FA3, the compressed layout at keep 1.0 (128 more dense tokens), not the uncompressed one.
     assert "keep 1.0 vs FA3: worst time ratio 1.100 at batch 1 context 4096" in printed
-    assert "keep 1.0 vs FA3 (no_pdl): worst time ratio 0.990 at batch 1 context 4096" in printed
+    assert "keep 1.0 vs FA3 (pdl): worst time ratio 0.990 at batch 1 context 4096" in printed

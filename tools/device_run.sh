@@ -13,12 +13,16 @@
 #   fixed in 58f8a7a), gguf_a + model + E2E_TESTS=tests/test_e2e_threshold.py e2e (6 passed), then on
 #   a second machine decode with DECODE_TEST_K="merge_mode or graph_replay or dependent"
 #   DECODE_SWEEP="--quick --batches 1,4" DECODE_VARIANTS=no_pdl,pdl_after_loop,min_tiles_2,tile_32
-#   DECODE_TAG=merge_b1_4 (9 passed).  Not yet run: `prefill` at 58f8a7a or later (the script's own
-#   shares), the whole test_decode_attention.py on CUDA with the 2-tile few-pairs default (needs
-#   DECODE_TEST_TIMEOUT of ~400 s), test_e2e_kvzap_compiled.py with the dependent-launch merge inside
-#   the captured decode graphs, and the full decode sweep (decode_kernel.json) with the new defaults.
-#   Next for issue 4 (batch 1 / 4k at keep 1.0): DECODE_SWEEP="--quick --batches 1,4"
-#   DECODE_VARIANTS=no_pdl,nearest_split,nearest_split_no_pdl DECODE_TAG=rounding_b1_4 decode.
+#   DECODE_TAG=merge_b1_4 (9 passed).
+#   Session 14: decode with DECODE_TEST_K="split_rounding or merge_mode" DECODE_SWEEP="--quick --batches 1,4"
+#   DECODE_VARIANTS=no_pdl,nearest_split,nearest_split_no_pdl DECODE_TAG=rounding_b1_4 (9 passed; the
+#   nearest rounding changed nothing), the whole test_decode_attention.py on CUDA (DECODE_TEST_TIMEOUT=420:
+#   65 passed in 184 s), prefill (40 passed, both models), gguf_a + model + E2E_TESTS=
+#   tests/test_e2e_kvzap_compiled.py e2e (1 passed, 185 s), `python3 benchmarks/decode_kernel.py
+#   --variants no_pdl,nearest_split_no_pdl --tag pdl_full` (PDL then the default: it lost 6-10% at batch 1
+#   keep 1.0, so it is off by default since), E2E_TESTS=tests/test_e2e_compression.py e2e (8 passed),
+#   the full sweep with the new default (decode_kernel.json) and three `--quick --batches 1` repeats.
+#   The e2e modules ran with PDL on; PDL off is the launch they ran with through session 12.
 # Results go under $OUT (the device tool brings them back).
 set -uo pipefail
 source /tmp/site/env.sh || exit 3
@@ -53,7 +57,7 @@ case "$1" in
         ${DECODE_TEST_K:+-k "$DECODE_TEST_K"} > "$OUT/decode_tests.txt" 2>&1
     tail -4 "$OUT/decode_tests.txt"
     timeout "${DECODE_TIMEOUT:-300}" python3 benchmarks/decode_kernel.py ${DECODE_SWEEP---quick} \
-        --variants "${DECODE_VARIANTS-no_pdl}" --tag "${DECODE_TAG:-merge_quick}" --out-dir "$OUT" > "$OUT/decode_kernel.txt" 2>&1
+        --variants "${DECODE_VARIANTS-pdl}" --tag "${DECODE_TAG:-merge_quick}" --out-dir "$OUT" > "$OUT/decode_kernel.txt" 2>&1
     grep -E "worst|/ default|points in" "$OUT/decode_kernel.txt";;
   cuda)  # build csrc/ in place, test the CUDA compaction against the reference, time it against Triton
     timeout 240 python3 setup.py build_ext --inplace > "$OUT/cuda_build.txt" 2>&1; tail -3 "$OUT/cuda_build.txt"

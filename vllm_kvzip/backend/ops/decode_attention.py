@@ -44,8 +44,8 @@ Kernel design
   the slowest split and reads the partials back through L2) and at most 2%
   faster elsewhere (benchmarks/results/decode_kernel_fused_quick.json), so it
   stays off by default.
-* On Hopper and newer (``dependent_launch``, on by default there) the merge
-  kernel is launched as a *programmatic dependent launch*: every split
+* On Hopper and newer the merge kernel can be launched as a *programmatic
+  dependent launch* (``dependent_launch=True``; off by default): every split
   program signals ``griddepcontrol.launch_dependents`` as it starts, so the
   merge kernel's programs are scheduled while the last splits still run,
   compute their split plan from the metadata, and block in
@@ -53,15 +53,15 @@ Kernel design
   partials are visible.  The merge kernel's launch latency then overlaps the
   split kernel instead of following it; the split kernel itself is launched
   normally, so it still waits for everything before it (the query, the KV
-  write).  Measured on an H100 (session 13, two runs,
-  benchmarks/results/decode_kernel_merge_{quick,b1_4}.json) the gain is
-  small and mixed: about 5% less time at batch 1 on compressed heads (e.g.
-  12.4 against 13.1-13.3 us at 4k, keep 0.1), 8% more at batch 1 / 4k keep
-  1.0 (20.0 against 18.4-18.6 us), within 1-4% elsewhere; triggered after
-  each split's loop (``dependent_launch_trigger="after_loop"``) it times
-  like no dependent launch.  It stays on because the shipped few-pairs
-  configuration (2 tiles per split, see MIN_TILES_PER_SPLIT_FEW_PAIRS) was
-  measured with it.
+  write).  Measured on an H100 (sessions 13 and 14, FA3 in the same process,
+  benchmarks/results/decode_kernel_{merge_quick,merge_b1_4,pdl_full}.json) it
+  saves 4-10% only at batch 1 on compressed heads, points that already take
+  0.2-0.8x FA3's time, and costs 6-10% at batch 1 keep 1.0 (4k-16k), the
+  points nearest the keep-1.0 target (full sweep, no dependent launch /
+  dependent launch: min 0.906, median 1.000, max 1.095 over 216 points); so
+  the merge kernel is launched normally unless asked.  Triggered after each
+  split's loop (``dependent_launch_trigger="after_loop"``) it times like no
+  dependent launch.
 * A (row, head) with no key at all (0 kept tokens and an empty dense region)
   gets a zero output, never NaN.
 
@@ -154,8 +154,10 @@ def _split_plan(
     row_tiles = tl.sum(tl.cdiv(row_kept, TILE), axis=0) + NUM_KV_HEADS * dense_tiles
     capacity = NUM_KV_HEADS * nominal_splits
     if ROUND_NEAREST:
-        # Rounding up turns 2.02 tiles per split into 3: 50% longer programs for 2% more tiles
-        # (batch 1 / 4k at keep 1.0 with 2 tiles per split: 532 row tiles on 264 programs).
+        # Rounding up turns 2.02 tiles per split into 3: 50% longer programs for 2% more tiles.
+        # Session 13 suspected that cliff at batch 1 / 4k keep 1.0; that layout has 528 row tiles
+        # of 64 tokens on 264 programs, exactly 2 per split under either rounding, and the H100
+        # timed both the same there (session 14), so "up" stays the default.
         row_tiles_per_split = (row_tiles + capacity // 2) // capacity
     else:
         row_tiles_per_split = tl.cdiv(row_tiles, capacity)
@@ -517,7 +519,7 @@ class RaggedDecodeWorkspace:
         num_kv_heads: int | None = None,
         max_partial_slots: int | None = None,
         fused_merge: bool = False,
-        dependent_launch: bool | None = None,
+        dependent_launch: bool = False,
         dependent_launch_trigger: str = "start",
         split_rounding: str = "up",
     ) -> None:
@@ -559,16 +561,17 @@ class RaggedDecodeWorkspace:
         # of each resets its own); sized for kv heads = q heads when num_kv_heads is not given.
         self.fused_merge = fused_merge
         self.arrival_count = torch.zeros(max_rows * (num_kv_heads or num_q_heads), dtype=torch.int32, device=device)
-        # dependent_launch: the merge kernel as a programmatic dependent launch (module docstring).
-        # None = wherever it is supported (a CUDA device of compute capability >= 9.0 and a Triton
-        # with grid dependency control); True where it is not is an error, not a silent fallback.
+        # dependent_launch: the merge kernel as a programmatic dependent launch (module docstring:
+        # off by default, measured slower where the kernel is nearest FA3). It needs a CUDA device of
+        # compute capability >= 9.0 and a Triton with grid dependency control; asking for it
+        # elsewhere is an error, not a silent fallback.
         supported = _HAS_GDC and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
         if dependent_launch and not supported:
             raise ValueError(
                 "dependent_launch=True needs a CUDA device of compute capability >= 9.0 (Hopper) and a Triton "
                 f"with triton.language.extra.cuda.gdc_wait; this is {device} with Triton {triton.__version__}"
             )
-        self.dependent_launch = supported if dependent_launch is None else dependent_launch
+        self.dependent_launch = bool(dependent_launch)
         # Where the split programs let the merge kernel be scheduled: as they start, or once their
         # loop is done (the merge programs then never hold an SM slot a split could use).
         if dependent_launch_trigger not in DEPENDENT_LAUNCH_TRIGGERS:
@@ -577,7 +580,9 @@ class RaggedDecodeWorkspace:
             )
         self.dependent_launch_trigger = dependent_launch_trigger
         # How the row's tiles per split are rounded: "up" (never more programs than the nominal
-        # count) or "nearest" (no 2.02 -> 3 cliff on short rows); see _split_plan.
+        # count) or "nearest" (no 2.02 -> 3 cliff on short rows); see _split_plan. "up" stays the
+        # default: "nearest" timed the same on an H100 (median 0.997-1.000 of the default's time;
+        # session 14, decode_kernel_{rounding_b1_4,pdl_full}.json).
         if split_rounding not in SPLIT_ROUNDINGS:
             raise ValueError(f"split_rounding must be one of {list(SPLIT_ROUNDINGS)}, got {split_rounding!r}")
         self.split_rounding = split_rounding
@@ -733,7 +738,7 @@ def ragged_decode_attention(
             f"{num_rows} rows x {grid_splits} splits exceed the workspace's {workspace.max_partial_slots} partial slots"
         )
 
-    # The merge kernel, when there is one, follows the split kernel as a dependent launch.
+    # The merge kernel, when there is one, follows the split kernel (as a dependent launch if asked).
     dependent_merge = workspace.dependent_launch and not single_split and not workspace.fused_merge
     _ragged_decode_split_kernel[(num_rows, num_kv_heads, grid_splits)](
         query,

@@ -13,9 +13,14 @@ context) that fits in ``--max-cache-gb`` of KV cache it times:
   backend allocates;
 * ``ragged_uncompressed``: our kernel on the same uncompressed layout
   (``kept_len = 0``, everything dense): same bytes as FA3;
-* ``ragged``: our kernel where each KV head keeps ``keep * context`` tokens
-  (+-40% variation between heads, same total) in ragged pages, plus a
-  128-token dense tail, for each keep ratio;
+* ``ragged``: our kernel on the plugin's layout of a ``context``-token request
+  compressed at each keep ratio: the newest 128 tokens in a dense tail, and
+  each KV head keeping ``keep * (context - 128)`` of the others (+-40%
+  variation between heads below keep 1.0, same total) in ragged pages, as the
+  plugin's budgets count only the evictable tokens.  At keep 1.0 it reads the
+  same bytes as FA3 (until session 14 the ragged part held ``keep * context``
+  tokens, so keep 1.0 read 128 tokens per head more than FA3;
+  ``config.ragged_tokens_per_head`` says which a result file used);
 * with ``--variants``, the same two with other merge strategies, named by
   suffix, so that one run shows which to use where: ``_pdl`` (the merge
   kernel as a programmatic dependent launch, Hopper and newer only: the
@@ -125,15 +130,17 @@ def dense_layout(batch: int, context: int, block_ids: torch.Tensor, device: torc
 
 
 def ragged_layout(batch: int, context: int, keep: float, block_ids: torch.Tensor, device: torch.device, seed: int) -> Layout:
-    """Compressed rows: per-head ragged budgets (mean keep * context) + a dense tail."""
+    """A compressed `context`-token request as the plugin lays it out: the newest DENSE_TAIL tokens
+    dense, and per-head ragged budgets of mean keep * (context - DENSE_TAIL), the evictable tokens."""
     generator = torch.Generator().manual_seed(seed)
-    budget = keep * context
+    evictable = context - DENSE_TAIL
+    budget = keep * evictable
     if keep < 1.0:
         factors = 1.0 + HEAD_VARIATION * (2 * torch.rand(batch, NUM_KV_HEADS, generator=generator) - 1)
         factors = factors / factors.mean(dim=1, keepdim=True)
     else:
         factors = torch.ones(batch, NUM_KV_HEADS)
-    kept_len = (budget * factors).round().clamp(0, context).to(torch.int64)
+    kept_len = (budget * factors).round().clamp(0, evictable).to(torch.int64)
     pages = (kept_len + BLOCK_SIZE - 1) // BLOCK_SIZE
     page_start = torch.cumsum(pages, dim=1) - pages  # heads packed one after another
     ragged_blocks = (pages.sum(dim=1) + NUM_KV_HEADS - 1) // NUM_KV_HEADS
@@ -357,6 +364,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     config = dict(
         num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_SIZE, block_size=BLOCK_SIZE,
         dtype=str(dtype).replace("torch.", ""), dense_tail=DENSE_TAIL, head_variation=HEAD_VARIATION,
+        ragged_tokens_per_head="keep_ratio * (context - dense_tail)",
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (torch reference)",
         peak_bandwidth=PEAK_BANDWIDTH,
         command=command_line(),

@@ -142,6 +142,26 @@ def test_prefill_cost_dry_run_writes_every_share(tmp_path):
     assert payload["dense_layer_ms"] > 0 and payload["selection_topk_ms"] > 0
 
 
+def test_decode_kernel_ragged_layout_is_the_plugins_layout_of_the_same_context():
+    """The ragged rows model a `context`-token request: the dense tail is inside the context and the
+    keep ratio applies to the evictable tokens, so keep 1.0 reads exactly FA3's bytes."""
+    decode_kernel = _load_benchmark("decode_kernel")
+    batch, context, tail, heads = 3, 1000, decode_kernel.DENSE_TAIL, decode_kernel.NUM_KV_HEADS
+    block_ids = torch.arange(batch * 200)
+    dense = decode_kernel.dense_layout(batch, context, block_ids, torch.device("cpu"))
+    full = decode_kernel.ragged_layout(batch, context, 1.0, block_ids, torch.device("cpu"), seed=1)
+    assert full.kv_bytes == dense.kv_bytes
+    assert torch.all(full.kept_len == context - tail)
+    assert torch.all(full.seq_lens - full.dense_start == tail)
+    for keep in (0.5, 0.1):
+        layout = decode_kernel.ragged_layout(batch, context, keep, block_ids, torch.device("cpu"), seed=2)
+        per_row = layout.kept_len.sum(dim=1).to(torch.float64)
+        # +-40% between heads, the row's total kept (rounding per head: within one token per head)
+        assert torch.all((per_row - keep * (context - tail) * heads).abs() <= heads)
+        assert layout.kept_len.max() > layout.kept_len.min()
+        assert layout.kv_bytes == (int(layout.kept_len.sum()) + batch * heads * tail) * 2 * decode_kernel.HEAD_SIZE * 2
+
+
 def test_decode_kernel_variants_are_workspace_options_and_compared_point_by_point(capsys):
     decode_kernel = _load_benchmark("decode_kernel")
     from vllm_kvzip.backend.ops import RaggedDecodeWorkspace

@@ -23,6 +23,10 @@
 #   keep 1.0, so it is off by default since), E2E_TESTS=tests/test_e2e_compression.py e2e (8 passed),
 #   the full sweep with the new default (decode_kernel.json) and three `--quick --batches 1` repeats.
 #   The e2e modules ran with PDL on; PDL off is the launch they ran with through session 12.
+#   Then, on a second machine at c0aa4f7 (the benchmark's rows laid out as the plugin does, the tail
+#   inside the context): `decode_kernel.py --quick --tag window_quick` and `--quick --batches 1,4 --tag
+#   window_b1_4` (keep 1.0 within 10% of FA3 at every point).  Next: the full sweep on that layout,
+#   `python3 benchmarks/decode_kernel.py --out-dir $OUT` (88 s), to replace decode_kernel.json.
 # Results go under $OUT (the device tool brings them back).
 set -uo pipefail
 source /tmp/site/env.sh || exit 3

@@ -26,7 +26,7 @@
 #   Then, on a second machine at c0aa4f7 (the benchmark's rows laid out as the plugin does, the tail
 #   inside the context): `decode_kernel.py --quick --tag window_quick` and `--quick --batches 1,4 --tag
 #   window_b1_4` (keep 1.0 within 10% of FA3 at every point).  Next: the full sweep on that layout,
-#   `python3 benchmarks/decode_kernel.py --out-dir $OUT` (88 s), to replace decode_kernel.json.
+#   `tools/device_run.sh sweep` (88 s), to replace decode_kernel.json.
 # Results go under $OUT (the device tool brings them back).
 set -uo pipefail
 source /tmp/site/env.sh || exit 3
@@ -63,6 +63,9 @@ case "$1" in
     timeout "${DECODE_TIMEOUT:-300}" python3 benchmarks/decode_kernel.py ${DECODE_SWEEP---quick} \
         --variants "${DECODE_VARIANTS-pdl}" --tag "${DECODE_TAG:-merge_quick}" --out-dir "$OUT" > "$OUT/decode_kernel.txt" 2>&1
     grep -E "worst|/ default|points in" "$OUT/decode_kernel.txt";;
+  sweep)  # issue 4: the full decode sweep of the default kernel (~90 s), replacing decode_kernel.json
+    timeout "${DECODE_TIMEOUT:-300}" python3 benchmarks/decode_kernel.py --out-dir "$OUT" > "$OUT/decode_kernel_full.txt" 2>&1
+    grep -E "worst|points in" "$OUT/decode_kernel_full.txt";;
   cuda)  # build csrc/ in place, test the CUDA compaction against the reference, time it against Triton
     timeout 240 python3 setup.py build_ext --inplace > "$OUT/cuda_build.txt" 2>&1; tail -3 "$OUT/cuda_build.txt"
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_compaction_cuda.py -rs 2>&1 | tail -4

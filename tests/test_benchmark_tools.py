@@ -192,6 +192,6 @@ def test_decode_kernel_variants_are_workspace_options_and_compared_point_by_poin
     assert ratios[("ragged_pdl", 0.3)] is None and ratios[("ragged", 1.0)] is None
     printed = capsys.readouterr().out
     assert "pdl / default time: min 0.900, median 1.075, max 1.250 over 2 points" in printed
-    # Against FA3, the compressed layout at keep 1.0 (128 more dense tokens), not the uncompressed one.
+    # Against FA3, the compressed layout at keep 1.0 (the plugin's layout), not the uncompressed one.
     assert "keep 1.0 vs FA3: worst time ratio 1.100 at batch 1 context 4096" in printed
     assert "keep 1.0 vs FA3 (pdl): worst time ratio 0.990 at batch 1 context 4096" in printed

@@ -19,7 +19,7 @@
 #   nearest rounding changed nothing), the whole test_decode_attention.py on CUDA (DECODE_TEST_TIMEOUT=420:
 #   65 passed in 184 s), prefill (40 passed, both models), gguf_a + model + E2E_TESTS=
 #   tests/test_e2e_kvzap_compiled.py e2e (1 passed, 185 s), `python3 benchmarks/decode_kernel.py
-#   --variants no_pdl,nearest_split_no_pdl --tag pdl_full` (PDL then the default: it lost 6-10% at batch 1
+#   --variants no_pdl,nearest_split_no_pdl --tag pdl_full` (PDL then the default: it lost 5-10% at batch 1
 #   keep 1.0, so it is off by default since), E2E_TESTS=tests/test_e2e_compression.py e2e (8 passed),
 #   the full sweep with the new default (decode_kernel.json) and three `--quick --batches 1` repeats.
 #   The e2e modules ran with PDL on; PDL off is the launch they ran with through session 12.

@@ -55,8 +55,8 @@ Kernel design
   normally, so it still waits for everything before it (the query, the KV
   write).  Measured on an H100 (sessions 13 and 14, FA3 in the same process,
   benchmarks/results/decode_kernel_{merge_quick,merge_b1_4,pdl_full}.json) it
-  saves 4-10% only at batch 1 on compressed heads, points that already take
-  0.2-0.8x FA3's time, and costs 6-10% at batch 1 keep 1.0 (4k-16k), the
+  saves 3-9% only at batch 1 on compressed heads, points that already take
+  0.2-0.8x FA3's time, and costs 5-10% at batch 1 keep 1.0 (4k-16k), the
   points nearest the keep-1.0 target (full sweep, no dependent launch /
   dependent launch: min 0.906, median 1.000, max 1.095 over 216 points); so
   the merge kernel is launched normally unless asked.  Triggered after each
